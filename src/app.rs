@@ -1,0 +1,233 @@
+//! Starting and stopping a pacer instance: the proxy listener, the admin listener and
+//! the shared state behind them.
+
+use crate::admin;
+use crate::answer::ProxyBody;
+use crate::config::Config;
+use crate::proxy::{ConnInfo, Next, Proxy};
+use crate::server::{self, ConnSettings};
+use arc_swap::ArcSwap;
+use http::Request;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Setup(#[from] crate::proxy::SetupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("inbound TLS: {0}")]
+    Tls(std::io::Error),
+}
+
+/// The configuration in force and the pipeline built from it; swapped whole on reload.
+struct Current {
+    proxy: Arc<Proxy>,
+    pipeline: Next,
+}
+
+/// A running instance.
+pub struct Running {
+    /// Where the proxy listens (the real port when configured with port 0).
+    pub proxy_addr: SocketAddr,
+    /// Where the admin endpoints listen, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    current: Arc<ArcSwap<Current>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// The proxy of the configuration in force.
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.current.load().proxy.clone()
+    }
+
+    /// Puts a new, validated configuration in force for new requests; requests in flight
+    /// finish under the old one. Listener settings (`listen`, `admin_listen`, `tls`, limits
+    /// of connections) need a restart and are reported, not applied.
+    pub fn reload(&self, config: Config) -> Result<(), crate::proxy::SetupError> {
+        let old = self.proxy();
+        let (a, b) = (&old.config.server, &config.server);
+        if a.listen != b.listen
+            || a.admin_listen != b.admin_listen
+            || a.tls.is_some() != b.tls.is_some()
+        {
+            tracing::warn!("listener settings changed: they take effect on restart");
+        }
+        let proxy = Proxy::reload(&old, Arc::new(config))?;
+        let pipeline = proxy.pipeline();
+        self.current.store(Arc::new(Current { proxy, pipeline }));
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, answers new requests on open connections with 503, lets in-flight
+    /// requests finish within `shutdown_grace`, then returns.
+    pub async fn shutdown(self) {
+        self.proxy().start_draining();
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+/// Builds everything from a validated configuration and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let proxy = Proxy::new(config.clone())?;
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let listener = bind(config.server.listen).await?;
+    let proxy_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.server.listen,
+        source,
+    })?;
+    let settings = ConnSettings::from_server(&config.server).map_err(StartError::Tls)?;
+    let current = Arc::new(ArcSwap::from_pointee(Current {
+        pipeline: proxy.pipeline(),
+        proxy: proxy.clone(),
+    }));
+    let cur = current.clone();
+    let handler = move |req: Request<ProxyBody>, conn: ConnInfo| {
+        let now = cur.load();
+        let (p, pipeline) = (now.proxy.clone(), now.pipeline.clone());
+        async move {
+            let mut req = req;
+            req.extensions_mut().insert(conn);
+            p.handle(pipeline, req).await
+        }
+    };
+    tasks.push(tokio::spawn(server::serve(
+        listener,
+        settings,
+        handler,
+        stopped.clone(),
+    )));
+
+    let admin_addr = match config.server.admin_listen {
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| StartError::Listen { addr, source })?;
+            let cur = current.clone();
+            let handler = move |req: Request<ProxyBody>, _: ConnInfo| {
+                let p = cur.load().proxy.clone();
+                async move { admin::handle(&p, req).await }
+            };
+            tasks.push(tokio::spawn(server::serve(
+                listener,
+                ConnSettings::admin(),
+                handler,
+                stopped,
+            )));
+            Some(local)
+        }
+        None => None,
+    };
+    // Histograms are buffered until rendered; keep them bounded when nobody scrapes.
+    let (metrics, mut stopped_upkeep) = (proxy.metrics.clone(), stop.subscribe());
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => metrics.upkeep(),
+                _ = stopped_upkeep.changed() => return,
+            }
+        }
+    }));
+    tracing::info!(%proxy_addr, ?admin_addr, "pacer listening");
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        current,
+        stop,
+        tasks,
+    })
+}
+
+/// Serves until SIGINT/SIGTERM, then shuts down gracefully. On SIGHUP the file is read
+/// again: a valid configuration is put in force, an invalid one is reported with every
+/// error and the old one stays.
+pub async fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<(), StartError> {
+    let running = start(config).await?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = reload_signal() => {
+                let Some(path) = &path else { continue };
+                match Config::load(path) {
+                    Ok(config) => {
+                        if let Err(e) = running.reload(config) {
+                            tracing::error!(error = %e, "reload failed; keeping the configuration in force");
+                        }
+                    }
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            tracing::error!(error = %e, "invalid configuration");
+                        }
+                        tracing::error!(file = %path.display(), "reload refused; keeping the configuration in force");
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGHUP (never elsewhere).
+async fn reload_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            hup.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,903 @@
+//! Configuration: parsed once from TOML into typed, validated structs.
+//!
+//! Every mistake is reported with its key path (`upstream[1].url: relative URL "api"`), all
+//! of them at once, so one `pacer check-config` run shows everything to fix.
+
+mod env;
+mod presets;
+mod types;
+
+pub use presets::Preset;
+pub use types::{Cidr, Dur, IdentitySource, Priority, Scope, Secret, UnknownClients};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One configuration mistake and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Key path such as `upstream[1].url`; empty for the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every mistake found in one configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }])
+    }
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub identity: IdentityConfig,
+    pub clients: Vec<ClientConfig>,
+    /// Limits as written plus those the upstreams' presets add.
+    pub limits: Vec<LimitConfig>,
+    pub queue: QueueConfig,
+    pub state: StateConfig,
+    pub adaptive: AdaptiveConfig,
+}
+
+/// `[adaptive]`: cut a client's rate after upstream 429s.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveConfig {
+    pub enabled: bool,
+    /// Share of a client's answers in a minute that may be 429 before its rate is cut.
+    pub threshold: f64,
+    /// Fraction of the rate ceilings taken away.
+    pub cut: f64,
+    /// How long a cut lasts.
+    pub hold: Dur,
+    /// Answers in the minute before the share counts as evidence.
+    pub min_answers: u64,
+}
+
+impl Default for AdaptiveConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold: 0.01,
+            cut: 0.2,
+            hold: Dur::secs(3600),
+            min_answers: 100,
+        }
+    }
+}
+
+/// Where limit counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    /// In this process.
+    #[default]
+    Local,
+    /// In Redis, shared by every replica.
+    Redis,
+}
+
+/// How pacer finds its Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis (or one endpoint in front of a primary) at `url`.
+    #[default]
+    Single,
+    /// A Redis Cluster, discovered from the seed `nodes`.
+    Cluster,
+    /// The primary that the Sentinels in `nodes` name for `master`.
+    Sentinel,
+}
+
+/// `[state]`: shared quotas across replicas.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    /// Redis topology: `single` (uses `url`), `cluster` or `sentinel` (use `nodes`).
+    pub mode: RedisMode,
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS (mode = "single").
+    pub url: Option<Secret>,
+    /// Cluster seed nodes, or the Sentinels, as `redis://host:port` URLs.
+    pub nodes: Vec<Secret>,
+    /// Name of the primary the Sentinels monitor (mode = "sentinel").
+    pub master: Option<String>,
+    /// Prefix of every key pacer writes.
+    pub key_prefix: String,
+    /// Longest wait for one Redis round trip before local shares are used for that request.
+    pub timeout: Dur,
+    /// Replicas sharing the quotas, for local shares while Redis is unreachable; 0 learns
+    /// the number from the replicas' heartbeats.
+    pub replicas: u64,
+    /// A crashed replica's concurrency permits come back after this.
+    pub lease_ttl: Dur,
+    /// Extra trusted CA (PEM) for `rediss://` with a private CA (single and cluster modes);
+    /// otherwise the system and webpki roots are used.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            backend: StateBackend::Local,
+            mode: RedisMode::Single,
+            url: None,
+            nodes: Vec::new(),
+            master: None,
+            key_prefix: "pacer".into(),
+            timeout: Dur(Duration::from_millis(100)),
+            replicas: 0,
+            lease_ttl: Dur::secs(30),
+            ca_file: None,
+        }
+    }
+}
+
+/// `[server]`: the listeners and their protections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Address of `/metrics`, `/healthz`, `/readyz`, `/status`; none disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// Larger request bodies are answered 413.
+    pub max_body_bytes: u64,
+    /// Larger request header sections are answered 431.
+    pub max_header_bytes: usize,
+    /// More request header fields than this are answered 431.
+    pub max_headers: usize,
+    /// Time a client has to send its complete request head.
+    pub header_read_timeout: Dur,
+    /// Optional inbound TLS.
+    pub tls: Option<TlsConfig>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// How long in-flight requests may finish after a shutdown signal.
+    pub shutdown_grace: Dur,
+    /// Open client connections at most; more wait in the kernel backlog.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection at most.
+    pub http2_max_concurrent_streams: u32,
+    /// Longer request targets (path and query) are answered 414.
+    pub max_uri_bytes: usize,
+    /// A body that moves no bytes for this long is aborted, in either direction (also a
+    /// client that stops reading its answer).
+    pub body_idle_timeout: Dur,
+    /// The whole exchange, request body to the last byte of the answer, must end within this.
+    pub request_deadline: Dur,
+    /// A client connection older than this is closed gracefully (HTTP/1: no keep-alive;
+    /// h2: GOAWAY).
+    pub max_connection_age: Dur,
+    /// Interval of HTTP/2 keep-alive pings to clients.
+    pub http2_keep_alive_interval: Dur,
+    /// An HTTP/2 client that does not answer a ping within this is disconnected.
+    pub http2_keep_alive_timeout: Dur,
+    /// HTTP/2 streams a client may open and reset before they are accepted (rapid-reset
+    /// protection); more close the connection.
+    pub http2_max_pending_accept_reset_streams: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            max_body_bytes: 10 * 1024 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            header_read_timeout: Dur::secs(10),
+            tls: None,
+            trusted_proxies: Vec::new(),
+            shutdown_grace: Dur::secs(30),
+            max_connections: 10_000,
+            http2_max_concurrent_streams: 100,
+            max_uri_bytes: 8 * 1024,
+            body_idle_timeout: Dur::secs(30),
+            request_deadline: Dur::secs(5 * 60),
+            max_connection_age: Dur::secs(10 * 60),
+            http2_keep_alive_interval: Dur::secs(30),
+            http2_keep_alive_timeout: Dur::secs(20),
+            http2_max_pending_accept_reset_streams: 50,
+        }
+    }
+}
+
+/// `[server.tls]`: PEM files for inbound TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[[upstream]]`: a target pacer may call; nothing else is reachable.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URL, `http` or `https`, without query.
+    pub url: String,
+    /// Documented limits and endpoint templates of a known API.
+    #[serde(default)]
+    pub preset: Option<Preset>,
+    /// Time to the upstream's response head; past it the caller gets 504.
+    #[serde(default = "defaults::upstream_timeout")]
+    pub timeout: Dur,
+    /// Time to establish a connection (TCP + TLS); past it the caller gets 502.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Extra trusted CA in PEM (private CAs, tests).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Idle pooled connections are closed after this.
+    #[serde(default = "defaults::pool_idle_timeout")]
+    pub pool_idle_timeout: Dur,
+}
+
+/// `[[route]]`: which requests go to which upstream, and how they are treated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix; the longest matching prefix wins.
+    pub prefix: String,
+    pub upstream: String,
+    /// Remove the prefix (keeping a leading `/`) before forwarding.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Priority of everything on this route; else the client's.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// How callers are told apart; empty means the OAuth client (Genesys routes).
+    #[serde(default)]
+    pub identity: Vec<IdentitySource>,
+    /// A shared key callers must present.
+    #[serde(default)]
+    pub inbound_auth: Option<InboundAuth>,
+    /// Source addresses allowed on this route; empty allows all.
+    #[serde(default)]
+    pub allow_cidrs: Vec<Cidr>,
+    /// Longest queue wait on this route; else `[queue] max_wait`.
+    #[serde(default)]
+    pub max_wait: Option<Dur>,
+}
+
+/// `inbound_auth = { header, keys }` on a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundAuth {
+    pub header: String,
+    pub keys: Vec<Secret>,
+}
+
+/// `[identity]`: how callers are identified.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    pub unknown_clients: UnknownClients,
+    /// Resolve tokens never seen issued with `GET /api/v2/tokens/me`.
+    pub tokens_me: bool,
+    /// `tokens/me` look-ups per second at most, so unknown tokens cannot flood the API.
+    pub tokens_me_per_second: u32,
+    /// Identities and limiter keys kept at most (bounded memory).
+    pub max_keys: usize,
+    /// How long a learned token → client mapping is kept without use.
+    pub token_ttl: Dur,
+    /// Token broker: answer repeated client-credentials token requests (same credentials,
+    /// same body) with the token already issued, until `token_cache_margin` before it
+    /// expires, so a fleet of workers does not burn the token issuance limit. Keeps issued
+    /// tokens in memory (never in logs or metrics).
+    pub token_cache: bool,
+    /// A cached token is handed out only while it has at least this long left.
+    pub token_cache_margin: Dur,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            unknown_clients: UnknownClients::Limit,
+            tokens_me: true,
+            tokens_me_per_second: 20,
+            max_keys: 100_000,
+            token_ttl: Dur::secs(24 * 3600),
+            token_cache: false,
+            token_cache_margin: Dur::secs(300),
+        }
+    }
+}
+
+/// `[[client]]`: a name and priority for an OAuth client or caller.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// `[[limit]]`: a quota or concurrency cap.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    pub name: String,
+    /// The upstream it applies to; all when omitted.
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Endpoint template `METHOD /path/{param}/*`; every request when omitted.
+    #[serde(default, rename = "match")]
+    pub matches: Option<String>,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default)]
+    pub requests: Option<u64>,
+    #[serde(default)]
+    pub per: Option<Dur>,
+    #[serde(default)]
+    pub concurrency: Option<u64>,
+    /// Fraction of the quota left unused as a safety margin.
+    #[serde(default)]
+    pub headroom: f64,
+    /// Extra window length absorbing network jitter between pacer's send and the
+    /// upstream's count; default 1% of `per`, at most 1s.
+    #[serde(default)]
+    pub guard: Option<Dur>,
+}
+
+impl LimitConfig {
+    /// Requests allowed per window after headroom.
+    pub fn effective_requests(&self) -> Option<u64> {
+        self.requests
+            .map(|n| ((n as f64) * (1.0 - self.headroom)).floor() as u64)
+    }
+
+    /// Window length pacer counts in: `per` plus the guard interval.
+    pub fn effective_window(&self) -> Option<Duration> {
+        let per = self.per?.0;
+        let guard = self
+            .guard
+            .map(|g| g.0)
+            .unwrap_or_else(|| (per / 100).min(Duration::from_secs(1)));
+        Some(per + guard)
+    }
+}
+
+/// `[queue]`: waiting and shedding.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// A request whose predicted wait is longer is shed at once.
+    pub max_wait: Dur,
+    /// Waiting requests at most.
+    pub max_depth: usize,
+    /// Share of every quota only critical traffic may fill.
+    pub critical_reserve: f64,
+    /// Bulk may fill at most this share of any quota.
+    pub bulk_share: f64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            max_wait: Dur::secs(30),
+            max_depth: 10_000,
+            critical_reserve: 0.2,
+            bulk_share: 0.5,
+        }
+    }
+}
+
+mod defaults {
+    use super::Dur;
+    pub fn upstream_timeout() -> Dur {
+        Dur::secs(60)
+    }
+    pub fn connect_timeout() -> Dur {
+        Dur::secs(5)
+    }
+    pub fn pool_idle_timeout() -> Dur {
+        Dur::secs(90)
+    }
+}
+
+const SECTIONS: &[&str] = &[
+    "server", "upstream", "route", "identity", "client", "limit", "queue", "state", "adaptive",
+];
+
+impl Config {
+    /// Reads, expands `${ENV}` and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::one("", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates configuration text, environment from the process.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Self::parse_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates configuration text with an explicit environment.
+    pub fn parse_with_env(
+        text: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigErrors::one("", format!("invalid TOML: {e}")))?;
+        let mut errors = Vec::new();
+        env::expand_table(&mut table, "", lookup, &mut errors);
+
+        let mut config = Config::default();
+        for (key, value) in table {
+            match key.as_str() {
+                "server" => section(value, "server", &mut errors, &mut config.server),
+                "identity" => section(value, "identity", &mut errors, &mut config.identity),
+                "queue" => section(value, "queue", &mut errors, &mut config.queue),
+                "state" => section(value, "state", &mut errors, &mut config.state),
+                "adaptive" => section(value, "adaptive", &mut errors, &mut config.adaptive),
+                "upstream" => config.upstreams = array(value, "upstream", &mut errors),
+                "route" => config.routes = array(value, "route", &mut errors),
+                "client" => config.clients = array(value, "client", &mut errors),
+                "limit" => config.limits = array(value, "limit", &mut errors),
+                other => errors.push(ConfigError {
+                    path: other.to_string(),
+                    message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),
+                }),
+            }
+        }
+        config.validate(&mut errors);
+        if errors.is_empty() {
+            config.limits = presets::with_preset_limits(&config.upstreams, config.limits);
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn validate(&self, errors: &mut Vec<ConfigError>) {
+        let mut err = |path: String, message: String| errors.push(ConfigError { path, message });
+
+        if self.server.max_headers == 0 {
+            err("server.max_headers".into(), "must be at least 1".into());
+        }
+        if self.server.max_connections == 0 {
+            err("server.max_connections".into(), "must be at least 1".into());
+        }
+        if self.server.max_uri_bytes < 16 {
+            err("server.max_uri_bytes".into(), "must be at least 16".into());
+        }
+        if self.server.http2_max_concurrent_streams == 0 {
+            err(
+                "server.http2_max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            );
+        }
+        let s = &self.server;
+        for (key, d) in [
+            ("header_read_timeout", s.header_read_timeout),
+            ("body_idle_timeout", s.body_idle_timeout),
+            ("request_deadline", s.request_deadline),
+            ("max_connection_age", s.max_connection_age),
+            ("http2_keep_alive_interval", s.http2_keep_alive_interval),
+            ("http2_keep_alive_timeout", s.http2_keep_alive_timeout),
+        ] {
+            if d.0.is_zero() {
+                err(format!("server.{key}"), "must be greater than zero".into());
+            }
+        }
+        if self.upstreams.is_empty() {
+            err(
+                "upstream".into(),
+                "at least one [[upstream]] is required".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let p = format!("upstream[{i}]");
+            if u.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !names.insert(u.name.as_str()) {
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate upstream name {:?}", u.name),
+                );
+            }
+            if let Err(m) = check_upstream_url(&u.url) {
+                err(format!("{p}.url"), m);
+            }
+            if u.timeout.0.is_zero() {
+                err(format!("{p}.timeout"), "must be greater than zero".into());
+            }
+            if u.connect_timeout.0.is_zero() {
+                err(
+                    format!("{p}.connect_timeout"),
+                    "must be greater than zero".into(),
+                );
+            }
+        }
+        if self.routes.is_empty() {
+            err("route".into(), "at least one [[route]] is required".into());
+        }
+        let mut prefixes = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let p = format!("route[{i}]");
+            if !r.prefix.starts_with('/') {
+                err(
+                    format!("{p}.prefix"),
+                    format!("must start with '/', got {:?}", r.prefix),
+                );
+            } else if !prefixes.insert(r.prefix.as_str()) {
+                err(
+                    format!("{p}.prefix"),
+                    format!("duplicate prefix {:?}", r.prefix),
+                );
+            }
+            if !names.contains(r.upstream.as_str()) {
+                err(
+                    format!("{p}.upstream"),
+                    format!("no [[upstream]] named {:?}", r.upstream),
+                );
+            }
+            if let Some(auth) = &r.inbound_auth {
+                if http::HeaderName::from_bytes(auth.header.as_bytes()).is_err() {
+                    err(
+                        format!("{p}.inbound_auth.header"),
+                        format!("invalid header name {:?}", auth.header),
+                    );
+                }
+                if auth.keys.is_empty() || auth.keys.iter().any(|k| k.expose().is_empty()) {
+                    err(
+                        format!("{p}.inbound_auth.keys"),
+                        "needs at least one non-empty key".into(),
+                    );
+                }
+            }
+        }
+        let mut client_ids = HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if c.id.is_empty() {
+                err(format!("client[{i}].id"), "must not be empty".into());
+            } else if !client_ids.insert(c.id.as_str()) {
+                err(
+                    format!("client[{i}].id"),
+                    format!("duplicate client id {:?}", c.id),
+                );
+            }
+        }
+        let mut limit_names = HashSet::new();
+        for (i, l) in self.limits.iter().enumerate() {
+            let p = format!("limit[{i}]");
+            if l.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !limit_names.insert((l.name.as_str(), l.upstream.as_deref())) {
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate limit name {:?}", l.name),
+                );
+            }
+            if let Some(u) = &l.upstream {
+                if !names.contains(u.as_str()) {
+                    err(
+                        format!("{p}.upstream"),
+                        format!("no [[upstream]] named {u:?}"),
+                    );
+                }
+            }
+            if let Some(m) = &l.matches {
+                if let Err(e) = crate::endpoint::Template::parse(m) {
+                    err(format!("{p}.match"), e.to_string());
+                }
+            }
+            match (l.requests, l.per) {
+                (Some(0), _) => err(format!("{p}.requests"), "must be at least 1".into()),
+                (Some(_), None) => err(format!("{p}.per"), "required with `requests`".into()),
+                (None, Some(_)) => err(format!("{p}.requests"), "required with `per`".into()),
+                (Some(_), Some(per)) if per.0.is_zero() => {
+                    err(format!("{p}.per"), "must be greater than zero".into())
+                }
+                _ => {}
+            }
+            if l.requests.is_none() && l.concurrency.is_none() {
+                err(
+                    p.clone(),
+                    "needs `requests` and `per`, or `concurrency`".into(),
+                );
+            }
+            if l.concurrency == Some(0) {
+                err(format!("{p}.concurrency"), "must be at least 1".into());
+            }
+            if !(0.0..1.0).contains(&l.headroom) {
+                err(
+                    format!("{p}.headroom"),
+                    format!("must be in [0, 1), got {}", l.headroom),
+                );
+            } else if l.effective_requests() == Some(0) {
+                err(
+                    format!("{p}.headroom"),
+                    "leaves no request in the window".into(),
+                );
+            }
+        }
+        let q = &self.queue;
+        if !(0.0..1.0).contains(&q.critical_reserve) {
+            err(
+                "queue.critical_reserve".into(),
+                format!("must be in [0, 1), got {}", q.critical_reserve),
+            );
+        }
+        if !(q.bulk_share > 0.0 && q.bulk_share <= 1.0) {
+            err(
+                "queue.bulk_share".into(),
+                format!("must be in (0, 1], got {}", q.bulk_share),
+            );
+        }
+        let ad = &self.adaptive;
+        if !(0.0..1.0).contains(&ad.threshold) {
+            err(
+                "adaptive.threshold".into(),
+                format!("must be in [0, 1), got {}", ad.threshold),
+            );
+        }
+        if !(ad.cut > 0.0 && ad.cut < 1.0) {
+            err(
+                "adaptive.cut".into(),
+                format!("must be in (0, 1), got {}", ad.cut),
+            );
+        }
+        let st = &self.state;
+        if st.backend == StateBackend::Redis {
+            let mode = match st.mode {
+                RedisMode::Single => "single",
+                RedisMode::Cluster => "cluster",
+                RedisMode::Sentinel => "sentinel",
+            };
+            let url = st.url.as_ref().map(|u| u.expose());
+            if st.mode == RedisMode::Single {
+                match url {
+                    None | Some("") => err(
+                        "state.url".into(),
+                        "required with backend = \"redis\"".into(),
+                    ),
+                    Some(u)
+                        if !(u.starts_with("redis://")
+                            || u.starts_with("rediss://")
+                            || u.starts_with("redis+unix://")) =>
+                    {
+                        err(
+                            "state.url".into(),
+                            "must start with redis://, rediss:// or redis+unix://".into(),
+                        )
+                    }
+                    _ => {}
+                }
+                if !st.nodes.is_empty() {
+                    err(
+                        "state.nodes".into(),
+                        "only used with mode = \"cluster\" or \"sentinel\"".into(),
+                    );
+                }
+            } else {
+                if url.is_some() {
+                    err(
+                        "state.url".into(),
+                        format!(
+                            "not used with mode = \"{mode}\" (list the servers in state.nodes)"
+                        ),
+                    );
+                }
+                if st.nodes.is_empty() {
+                    err(
+                        "state.nodes".into(),
+                        format!("required with mode = \"{mode}\""),
+                    );
+                }
+                for (i, node) in st.nodes.iter().enumerate() {
+                    let n = node.expose();
+                    if !(n.starts_with("redis://") || n.starts_with("rediss://")) {
+                        err(
+                            format!("state.nodes[{i}]"),
+                            "must start with redis:// or rediss://".into(),
+                        );
+                    } else if redis::IntoConnectionInfo::into_connection_info(n).is_err() {
+                        err(format!("state.nodes[{i}]"), "invalid Redis URL".into());
+                    }
+                }
+            }
+            match (st.mode, st.master.as_deref()) {
+                (RedisMode::Sentinel, None | Some("")) => err(
+                    "state.master".into(),
+                    "required with mode = \"sentinel\"".into(),
+                ),
+                (RedisMode::Sentinel, _) | (_, None) => {}
+                (_, Some(_)) => err(
+                    "state.master".into(),
+                    "only used with mode = \"sentinel\"".into(),
+                ),
+            }
+        }
+        if st.timeout.0.is_zero() {
+            err("state.timeout".into(), "must be greater than zero".into());
+        }
+        if st.lease_ttl.0 < Duration::from_secs(1) {
+            err("state.lease_ttl".into(), "must be at least 1s".into());
+        }
+        if st.key_prefix.is_empty() || st.key_prefix.contains(['{', '}']) {
+            err(
+                "state.key_prefix".into(),
+                "must be non-empty without braces".into(),
+            );
+        }
+        if self.identity.max_keys == 0 {
+            err("identity.max_keys".into(), "must be at least 1".into());
+        }
+    }
+
+    /// True when `other` keeps every limiter and identity setting of this configuration,
+    /// so a reload may keep the counters, queues and learned tokens.
+    pub fn same_limiting(&self, other: &Config) -> bool {
+        let names = |c: &Config| {
+            c.upstreams
+                .iter()
+                .map(|u| u.name.clone())
+                .collect::<Vec<_>>()
+        };
+        self.limits == other.limits
+            && self.queue == other.queue
+            && self.state == other.state
+            && self.identity == other.identity
+            && self.clients == other.clients
+            && self.adaptive == other.adaptive
+            && names(self) == names(other)
+    }
+
+    /// The upstream with this name.
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+fn check_upstream_url(raw: &str) -> Result<(), String> {
+    let url = match url::Url::parse(raw) {
+        Ok(u) => u,
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            return Err(format!("relative URL {raw:?}"))
+        }
+        Err(e) => return Err(format!("invalid URL {raw:?}: {e}")),
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http or https, got {:?}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("URL {raw:?} has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("URL {raw:?} must not have a query or fragment"));
+    }
+    Ok(())
+}
+
+fn section<T: DeserializeOwned>(
+    value: toml::Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+    out: &mut T,
+) {
+    if let Some(v) = typed(value, path, errors) {
+        *out = v;
+    }
+}
+
+fn array<T: DeserializeOwned>(
+    value: toml::Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<T> {
+    match value {
+        toml::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, item)| typed(item, &format!("{path}[{i}]"), errors))
+            .collect(),
+        _ => {
+            errors.push(ConfigError {
+                path: path.to_string(),
+                message: format!("must be an array of tables: [[{path}]]"),
+            });
+            Vec::new()
+        }
+    }
+}
+
+/// Deserializes one table, recording every failing key with its path: after an error the
+/// offending key is set aside and the rest is tried again, so one run reports them all.
+fn typed<T: DeserializeOwned>(
+    mut value: toml::Value,
+    path: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    loop {
+        match serde_path_to_error::deserialize(value.clone()) {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = if inner == "." || inner.is_empty() {
+                    path.to_string()
+                } else {
+                    format!("{path}.{inner}")
+                };
+                let message = e.into_inner().to_string();
+                let message = message.lines().next().unwrap_or_default().to_string();
+                errors.push(ConfigError {
+                    path: full,
+                    message,
+                });
+                // The first segment names the key of this table that failed.
+                let key = inner.split(['.', '[']).next().unwrap_or_default();
+                let removed = match value.as_table_mut() {
+                    Some(t) if !key.is_empty() && key != "?" => t.remove(key).is_some(),
+                    _ => false,
+                };
+                if !removed {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// One upstream and one route: the smallest valid configuration, for unit tests to extend.
+#[cfg(test)]
+pub(crate) const MINIMAL: &str = r#"
+[[upstream]]
+name = "api"
+url = "http://127.0.0.1:1"
+[[route]]
+prefix = "/"
+upstream = "api"
+"#;
+
+#[cfg(test)]
+mod tests;

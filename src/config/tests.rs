@@ -1,0 +1,245 @@
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "SECRET" => Some("s3cret".into()),
+        _ => None,
+    }
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = Config::parse_with_env(MINIMAL, &env).unwrap();
+    assert_eq!(c.server.max_body_bytes, 10 * 1024 * 1024);
+    assert_eq!(c.upstreams[0].timeout, Dur::secs(60));
+    assert_eq!(c.queue.max_depth, 10_000);
+    assert!(c.limits.is_empty());
+}
+
+#[test]
+fn every_mistake_is_listed_with_its_key_path() {
+    let text = r#"
+[server]
+listen = "0.0.0.0:8080"
+header_read_timeout = "soon"
+bogus = 1
+
+[[upstream]]
+name = "ok"
+url = "http://127.0.0.1:1"
+
+[[upstream]]
+name = "rel"
+url = "api"
+
+[[route]]
+prefix = "/"
+upstream = "nowhere"
+
+[[limit]]
+name = "bad"
+requests = 10
+match = "GET no-slash"
+
+[queue]
+bulk_share = 2.0
+
+[identity]
+unknown_clients = "maybe"
+
+[extra]
+"#;
+    let errs = Config::parse_with_env(text, &env).unwrap_err();
+    let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+    let has = |needle: &str| lines.iter().any(|l| l.contains(needle));
+    assert!(has("upstream[1].url: relative URL \"api\""), "{lines:#?}");
+    assert!(
+        has("route[0].upstream: no [[upstream]] named \"nowhere\""),
+        "{lines:#?}"
+    );
+    assert!(has("limit[0].per: required with `requests`"), "{lines:#?}");
+    assert!(
+        has("limit[0].match: invalid endpoint template"),
+        "{lines:#?}"
+    );
+    assert!(has("queue.bulk_share"), "{lines:#?}");
+    assert!(has("identity.unknown_clients"), "{lines:#?}");
+    assert!(has("extra: unknown section"), "{lines:#?}");
+    assert!(has("server") && has("soon"), "{lines:#?}");
+    assert!(lines.len() >= 8, "{lines:#?}");
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let text = format!("{MINIMAL}\n[queue]\nmax_wiat = \"1s\"\n");
+    let errs = Config::parse_with_env(&text, &env).unwrap_err();
+    assert!(errs.to_string().contains("max_wiat"), "{errs}");
+}
+
+#[test]
+fn env_expansion_and_missing_variables() {
+    let text = format!(
+        "{MINIMAL}\n[[route]]\nprefix = \"/crm/\"\nupstream = \"api\"\ninbound_auth = {{ header = \"x-key\", keys = [\"${{SECRET}}\", \"${{MISSING}}\"] }}\n"
+    );
+    let errs = Config::parse_with_env(&text, &env).unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].path, "route[1].inbound_auth.keys[1]");
+    assert!(errs.0[0].message.contains("MISSING"));
+    assert!(!errs.to_string().contains("s3cret"));
+    assert_eq!(
+        env::expand("a$$b${SECRET}", &super::tests::env).unwrap(),
+        "a$bs3cret"
+    );
+}
+
+#[test]
+fn presets_add_limits_that_written_ones_override() {
+    let text = r#"
+[[upstream]]
+name = "genesys-api"
+url = "https://api.mypurecloud.com"
+preset = "genesys"
+[[route]]
+prefix = "/"
+upstream = "genesys-api"
+[[limit]]
+name = "per-client"
+requests = 100
+per = "1m"
+"#;
+    let c = Config::parse_with_env(text, &env).unwrap();
+    let per_client: Vec<_> = c.limits.iter().filter(|l| l.name == "per-client").collect();
+    assert_eq!(per_client.len(), 1);
+    assert_eq!(per_client[0].requests, Some(100));
+    let ivr = c.limits.iter().find(|l| l.name == "ivr-put").unwrap();
+    assert_eq!(ivr.requests, Some(100));
+    assert_eq!(
+        ivr.matches.as_deref(),
+        Some("PUT /api/v2/architect/ivrs/{ivrId}")
+    );
+    assert!(c
+        .limits
+        .iter()
+        .any(|l| l.name == "org" && l.requests == Some(3000)));
+}
+
+#[test]
+fn guard_and_headroom_shape_the_window() {
+    let l = LimitConfig {
+        name: "x".into(),
+        upstream: None,
+        matches: None,
+        scope: Scope::Client,
+        requests: Some(300),
+        per: Some(Dur::secs(60)),
+        concurrency: None,
+        headroom: 0.1,
+        guard: None,
+    };
+    assert_eq!(l.effective_requests(), Some(270));
+    assert_eq!(l.effective_window(), Some(Duration::from_millis(60_600)));
+}
+
+#[test]
+fn shipped_configs_validate() {
+    let lookup = |name: &str| Some(format!("test-{name}"));
+    for file in ["config/pacer.toml", "config/genesys.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        if let Err(e) = Config::parse_with_env(&text, &lookup) {
+            panic!("{file}:\n{e}");
+        }
+    }
+}
+
+fn state_errors(state: &str) -> Vec<String> {
+    let text = format!("{MINIMAL}\n[state]\nbackend = \"redis\"\n{state}\n");
+    match Config::parse_with_env(&text, &env) {
+        Ok(_) => Vec::new(),
+        Err(errs) => errs.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+#[test]
+fn redis_modes_parse_with_their_keys() {
+    let text = format!(
+        "{MINIMAL}\n[state]\nbackend = \"redis\"\nmode = \"cluster\"\nnodes = [\"redis://a:7000\", \"redis://:${{SECRET}}@b:7001\"]\n"
+    );
+    let c = Config::parse_with_env(&text, &env).unwrap();
+    assert_eq!(c.state.mode, RedisMode::Cluster);
+    assert_eq!(c.state.nodes.len(), 2);
+    assert_eq!(c.state.nodes[1].expose(), "redis://:s3cret@b:7001");
+    assert!(!format!("{:?}", c.state).contains("s3cret"));
+
+    let text = format!(
+        "{MINIMAL}\n[state]\nbackend = \"redis\"\nmode = \"sentinel\"\nnodes = [\"redis://s1:26379\"]\nmaster = \"mymaster\"\n"
+    );
+    let c = Config::parse_with_env(&text, &env).unwrap();
+    assert_eq!(c.state.mode, RedisMode::Sentinel);
+    assert_eq!(c.state.master.as_deref(), Some("mymaster"));
+
+    // The default stays one Redis at `url`.
+    let c = Config::parse_with_env(MINIMAL, &env).unwrap();
+    assert_eq!(c.state.mode, RedisMode::Single);
+    assert!(state_errors("url = \"redis://r:6379/\"").is_empty());
+    assert!(state_errors("mode = \"single\"\nurl = \"redis://r:6379/\"").is_empty());
+}
+
+#[test]
+fn redis_mode_mistakes_name_their_keys() {
+    let has = |lines: &[String], needle: &str| lines.iter().any(|l| l.contains(needle));
+
+    let e = state_errors("mode = \"cluster\"");
+    assert!(
+        has(&e, "state.nodes: required with mode = \"cluster\""),
+        "{e:#?}"
+    );
+    assert!(
+        !has(&e, "state.url"),
+        "url is not needed for a cluster: {e:#?}"
+    );
+
+    let e = state_errors("mode = \"sentinel\"");
+    assert!(
+        has(&e, "state.nodes: required with mode = \"sentinel\""),
+        "{e:#?}"
+    );
+    assert!(
+        has(&e, "state.master: required with mode = \"sentinel\""),
+        "{e:#?}"
+    );
+
+    let e = state_errors("mode = \"sentinel\"\nnodes = [\"redis://s:26379\"]\nmaster = \"\"");
+    assert!(has(&e, "state.master: required"), "{e:#?}");
+
+    let e = state_errors("mode = \"cluster\"\nnodes = [\"redis://a:7000\", \"a:7001\"]");
+    assert!(
+        has(&e, "state.nodes[1]: must start with redis://"),
+        "{e:#?}"
+    );
+    assert_eq!(e.len(), 1, "{e:#?}");
+
+    let e = state_errors("mode = \"cluster\"\nnodes = [\"redis://a:7000\"]\nurl = \"redis://r/\"");
+    assert!(
+        has(&e, "state.url: not used with mode = \"cluster\""),
+        "{e:#?}"
+    );
+
+    let e = state_errors("mode = \"cluster\"\nnodes = [\"redis://a:7000\"]\nmaster = \"m\"");
+    assert!(
+        has(&e, "state.master: only used with mode = \"sentinel\""),
+        "{e:#?}"
+    );
+
+    let e = state_errors("url = \"redis://r/\"\nnodes = [\"redis://a:7000\"]");
+    assert!(has(&e, "state.nodes: only used with mode"), "{e:#?}");
+
+    let e = state_errors("");
+    assert!(
+        has(&e, "state.url: required with backend = \"redis\""),
+        "{e:#?}"
+    );
+
+    let e = state_errors("mode = \"ring\"\nurl = \"redis://r/\"");
+    assert!(has(&e, "ring"), "{e:#?}");
+}

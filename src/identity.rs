@@ -1,0 +1,617 @@
+//! Who is calling: the OAuth client behind a bearer token on Genesys routes, or a
+//! configured source (`header:NAME`, `basic-user`, `bearer`, `client-ip`) elsewhere.
+//!
+//! Only SHA-256 hashes of tokens are kept, in a bounded map. Tokens never seen issued are
+//! resolved once with `GET /api/v2/tokens/me` (single-flight, rate-limited); when that is
+//! not possible the caller is limited under a key derived from the token's hash.
+
+use crate::answer::{collect_limited, full, ProxyBody};
+use crate::config::{ClientConfig, IdentityConfig, IdentitySource, Priority, UnknownClients};
+use crate::error::{ErrorKind, ProxyError};
+use crate::forward::client_ip;
+use crate::proxy::{call_next, ConnInfo, Labels, Next, Proxy, Stage, StageFuture};
+use crate::route::RouteMatch;
+use base64::Engine as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::{header, HeaderMap};
+use http::{Method, Request};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The identified caller of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// Key its limits are counted under.
+    pub key: Arc<str>,
+    /// Bounded metric label: a client name or id, `unknown` or `other`.
+    pub label: Arc<str>,
+    /// True when the caller is an OAuth client or a configured/recognized source value.
+    pub known: bool,
+    /// Priority from `[[client]]`, if configured.
+    pub priority: Option<Priority>,
+}
+
+/// A token's SHA-256, truncated: enough to tell tokens apart, useless to an attacker.
+pub type TokenHash = [u8; 16];
+
+/// Hashes a credential for keys and logs.
+pub fn hash_secret(secret: &str) -> TokenHash {
+    let digest = Sha256::digest(secret.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The user of Basic credentials, if any.
+pub fn basic_user(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, b64) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split_once(':').map_or(text.as_str(), |(u, _)| u);
+    (!user.is_empty()).then(|| user.to_string())
+}
+
+/// A bounded map with approximate LRU eviction: two generations, the older dropped whole
+/// when the newer fills. Lookups promote entries, so anything in use survives.
+#[derive(Debug)]
+pub(crate) struct Generations<K, V> {
+    current: HashMap<K, V>,
+    previous: HashMap<K, V>,
+    half: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Generations<K, V> {
+    pub(crate) fn new(max: usize) -> Self {
+        Generations {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            half: (max / 2).max(1),
+        }
+    }
+
+    pub(crate) fn get(&mut self, k: &K) -> Option<V> {
+        if let Some(v) = self.current.get(k) {
+            return Some(v.clone());
+        }
+        let v = self.previous.remove(k)?;
+        self.insert(k.clone(), v.clone());
+        Some(v)
+    }
+
+    pub(crate) fn insert(&mut self, k: K, v: V) {
+        if self.current.len() >= self.half && !self.current.contains_key(&k) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(k, v);
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Learned {
+    /// `None`: the upstream could not tell; not asked again until `expires`.
+    client: Option<Arc<str>>,
+    expires: Instant,
+}
+
+/// How long a token `tokens/me` could not resolve is limited under its hash before asking again.
+const UNRESOLVED_TTL: Duration = Duration::from_secs(60);
+
+/// Look-ups in flight: their outcome (`None` until known) per token hash.
+type Lookups = HashMap<TokenHash, watch::Receiver<Option<Option<Arc<str>>>>>;
+
+/// Distinct metric labels for callers before new ones are labelled `other`.
+const MAX_LABELS: usize = 200;
+
+/// Resolves a token to its OAuth client id with `GET /api/v2/tokens/me`.
+pub trait TokenResolver: Send + Sync + 'static {
+    /// The client id behind `token`, or `None` if the upstream does not say.
+    fn resolve(
+        &self,
+        upstream: usize,
+        token: String,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+}
+
+/// Identifies callers; shared by all requests.
+pub struct Identity {
+    config: IdentityConfig,
+    clients: HashMap<String, ClientConfig>,
+    tokens: Mutex<Generations<TokenHash, Learned>>,
+    lookups: Mutex<Lookups>,
+    lookup_budget: DefaultDirectRateLimiter,
+    labels: Mutex<HashMap<Arc<str>, Arc<str>>>,
+    resolver: Option<Arc<dyn TokenResolver>>,
+    on_lookup: Option<LookupHook>,
+}
+
+/// Called with (upstream, client) after a `tokens/me` look-up the upstream answered: the
+/// look-up is a request the upstream counts against that client.
+pub type LookupHook = Arc<dyn Fn(usize, &str) + Send + Sync>;
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("clients", &self.clients.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Longest wait for a `tokens/me` answer before falling back to the hashed key.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Identity {
+    /// Builds the identity stage's state.
+    pub fn new(
+        config: IdentityConfig,
+        clients: &[ClientConfig],
+        resolver: Option<Arc<dyn TokenResolver>>,
+    ) -> Identity {
+        let per_second =
+            NonZeroU32::new(config.tokens_me_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        Identity {
+            tokens: Mutex::new(Generations::new(config.max_keys)),
+            lookups: Mutex::new(HashMap::new()),
+            lookup_budget: RateLimiter::direct(Quota::per_second(per_second)),
+            labels: Mutex::new(HashMap::new()),
+            clients: clients.iter().map(|c| (c.id.clone(), c.clone())).collect(),
+            resolver,
+            on_lookup: None,
+            config,
+        }
+    }
+
+    /// Calls `hook` after every `tokens/me` look-up that found a client.
+    pub fn with_lookup_hook(mut self, hook: LookupHook) -> Self {
+        self.on_lookup = Some(hook);
+        self
+    }
+
+    /// Whether unidentified callers are refused.
+    pub fn rejects_unknown(&self) -> bool {
+        self.config.unknown_clients == UnknownClients::Reject
+    }
+
+    /// Number of remembered tokens (bounded by `max_keys`).
+    pub fn remembered_tokens(&self) -> usize {
+        self.tokens.lock().map_or(0, |t| t.len())
+    }
+
+    /// Remembers that `token` belongs to `client` (seen in a proxied `/oauth/token` exchange).
+    pub fn learn(&self, token: &str, client: &str, ttl: Duration) {
+        let ttl = ttl.min(self.config.token_ttl.0);
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert(
+                hash_secret(token),
+                Learned {
+                    client: Some(Arc::from(client)),
+                    expires: Instant::now() + ttl,
+                },
+            );
+        }
+    }
+
+    /// The caller for a known client id.
+    pub fn client(&self, id: &str) -> Caller {
+        let configured = self.clients.get(id);
+        let name = configured.and_then(|c| c.name.as_deref()).unwrap_or(id);
+        Caller {
+            key: Arc::from(id),
+            label: self.label(name),
+            known: true,
+            priority: configured.map(|c| c.priority),
+        }
+    }
+
+    fn unknown(&self, key: String) -> Caller {
+        Caller {
+            key: Arc::from(key),
+            label: Arc::from("unknown"),
+            known: false,
+            priority: None,
+        }
+    }
+
+    fn label(&self, name: &str) -> Arc<str> {
+        let Ok(mut labels) = self.labels.lock() else {
+            return Arc::from("other");
+        };
+        if let Some(l) = labels.get(name) {
+            return l.clone();
+        }
+        if labels.len() >= MAX_LABELS {
+            return Arc::from("other");
+        }
+        let l: Arc<str> = Arc::from(name);
+        labels.insert(l.clone(), l.clone());
+        l
+    }
+
+    /// Identifies the caller of a request on a route with the given sources (empty: OAuth).
+    pub async fn identify(
+        &self,
+        sources: &[IdentitySource],
+        headers: &HeaderMap,
+        ip: IpAddr,
+        upstream: usize,
+    ) -> Caller {
+        if sources.is_empty() {
+            return self.oauth(headers, upstream).await;
+        }
+        for source in sources {
+            let found = match source {
+                IdentitySource::OAuth => return self.oauth(headers, upstream).await,
+                IdentitySource::Header(name) => headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.len() <= 128)
+                    .map(str::to_string),
+                IdentitySource::BasicUser => basic_user(headers).filter(|u| u.len() <= 128),
+                IdentitySource::Bearer => {
+                    bearer(headers).map(|t| format!("token:{}", hex(&hash_secret(t)[..8])))
+                }
+                IdentitySource::ClientIp => Some(ip.to_string()),
+            };
+            if let Some(id) = found {
+                let configured = self.clients.contains_key(&id);
+                let mut caller = self.client(&id);
+                // Values from the network are labelled only when configured: the label set stays bounded.
+                if !configured {
+                    caller.label = Arc::from("other");
+                }
+                return caller;
+            }
+        }
+        self.unknown("anonymous".into())
+    }
+
+    async fn oauth(&self, headers: &HeaderMap, upstream: usize) -> Caller {
+        if let Some(user) = basic_user(headers) {
+            // Token requests carry the client id as the Basic user.
+            return self.client(&user);
+        }
+        let Some(token) = bearer(headers) else {
+            return self.unknown("anonymous".into());
+        };
+        let hash = hash_secret(token);
+        let now = Instant::now();
+        let cached = self.tokens.lock().ok().and_then(|mut t| t.get(&hash));
+        let fallback = || self.unknown(format!("token:{}", hex(&hash[..8])));
+        match cached.filter(|l| l.expires > now) {
+            Some(Learned {
+                client: Some(client),
+                ..
+            }) => return self.client(&client),
+            Some(Learned { client: None, .. }) => return fallback(),
+            None => {}
+        }
+        if !self.config.tokens_me {
+            return fallback();
+        }
+        match self.lookup(hash, token, upstream).await {
+            Some(client) => self.client(&client),
+            None => fallback(),
+        }
+    }
+
+    /// Single-flight `tokens/me`: one look-up per token at a time, within a global budget.
+    async fn lookup(&self, hash: TokenHash, token: &str, upstream: usize) -> Option<Arc<str>> {
+        let resolver = self.resolver.clone()?;
+        let mut rx = {
+            let mut lookups = self.lookups.lock().ok()?;
+            match lookups.get(&hash) {
+                Some(rx) => rx.clone(),
+                None => {
+                    if self.lookup_budget.check().is_err() {
+                        return None;
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    lookups.insert(hash, rx.clone());
+                    let token = token.to_string();
+                    let done = resolver.resolve(upstream, token);
+                    let hook = self.on_lookup.clone();
+                    // The look-up finishes even if this caller leaves, so others waiting on it are answered.
+                    tokio::spawn(async move {
+                        let client = done.await.map(Arc::<str>::from);
+                        if let (Some(hook), Some(c)) = (&hook, &client) {
+                            hook(upstream, c);
+                        }
+                        let _ = tx.send(Some(client));
+                    });
+                    rx
+                }
+            }
+        };
+        let result = tokio::time::timeout(LOOKUP_TIMEOUT, rx.wait_for(|v| v.is_some()))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|v| v.clone()))
+            .flatten();
+        if let Ok(mut lookups) = self.lookups.lock() {
+            if lookups.get(&hash).is_some_and(|rx| rx.borrow().is_some()) {
+                lookups.remove(&hash);
+            }
+        }
+        let ttl = if result.is_some() {
+            self.config.token_ttl.0
+        } else {
+            UNRESOLVED_TTL
+        };
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert(
+                hash,
+                Learned {
+                    client: result.clone(),
+                    expires: Instant::now() + ttl,
+                },
+            );
+        }
+        result
+    }
+
+    /// Priority of a request: the route's, else the client's, else normal; the
+    /// `x-pacer-priority` header may lower it, never raise it.
+    pub fn priority(route: Option<Priority>, caller: &Caller, headers: &HeaderMap) -> Priority {
+        let base = route.or(caller.priority).unwrap_or_default();
+        let asked = headers
+            .get("x-pacer-priority")
+            .and_then(|v| v.to_str().ok())
+            .and_then(Priority::parse);
+        match asked {
+            Some(p) if p > base => p,
+            _ => base,
+        }
+    }
+}
+
+/// Form bodies of token requests read to find `client_id`, at most.
+const MAX_TOKEN_FORM_BYTES: usize = 64 * 1024;
+
+/// True for the OAuth token endpoint, whatever prefix routed it.
+pub fn is_token_path(path: &str) -> bool {
+    path.ends_with("/oauth/token")
+}
+
+/// The identification stage: puts [`Caller`] and [`Priority`] into the request.
+pub struct Identify {
+    proxy: Arc<Proxy>,
+}
+
+impl Identify {
+    /// The identification stage of `proxy`.
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        Identify { proxy }
+    }
+}
+
+impl Stage for Identify {
+    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
+        Box::pin(async move {
+            let Some(m) = req.extensions().get::<RouteMatch>().cloned() else {
+                return call_next(next, req).await;
+            };
+            let peer = req
+                .extensions()
+                .get::<ConnInfo>()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.peer.ip());
+            let ip = client_ip(
+                req.headers(),
+                peer,
+                &self.proxy.config.server.trusted_proxies,
+            );
+            let identity = &self.proxy.identity;
+            let (mut req, form_client) = if m.route.identity.is_empty()
+                && req.method() == Method::POST
+                && is_token_path(&m.path)
+            {
+                token_form_client(req).await?
+            } else {
+                (req, None)
+            };
+            let caller = match form_client {
+                Some(id) if basic_user(req.headers()).is_none() => identity.client(&id),
+                _ => {
+                    identity
+                        .identify(&m.route.identity, req.headers(), ip, m.route.upstream)
+                        .await
+                }
+            };
+            if !caller.known && identity.rejects_unknown() {
+                return Err(ProxyError::new(
+                    ErrorKind::Unauthorized,
+                    "caller could not be identified",
+                ));
+            }
+            let priority = Identity::priority(m.route.priority, &caller, req.headers());
+            req.headers_mut().remove("x-pacer-priority");
+            if let Some(labels) = req.extensions().get::<Arc<Labels>>() {
+                let _ = labels.client.set(caller.label.clone());
+                let _ = labels.priority.set(priority);
+            }
+            req.extensions_mut().insert(caller);
+            req.extensions_mut().insert(priority);
+            call_next(next, req).await
+        })
+    }
+}
+
+/// Reads a small form body to find `client_id`, then puts the body back.
+async fn token_form_client(
+    req: Request<ProxyBody>,
+) -> Result<(Request<ProxyBody>, Option<String>), ProxyError> {
+    let is_form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !is_form {
+        return Ok((req, None));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = collect_limited(body, MAX_TOKEN_FORM_BYTES)
+        .await
+        .map_err(|_| {
+            ProxyError::new(
+                ErrorKind::PayloadTooLarge,
+                "token request body too large or broken",
+            )
+        })?;
+    let client = url::form_urlencoded::parse(&bytes)
+        .find(|(k, _)| k == "client_id")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 128);
+    Ok((Request::from_parts(parts, full(bytes)), client))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(AtomicUsize);
+    impl TokenResolver for Counting {
+        fn resolve(
+            &self,
+            _: usize,
+            token: String,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                token.strip_prefix("good-").map(|c| c.to_string())
+            })
+        }
+    }
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).unwrap());
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn learned_and_looked_up_tokens() {
+        let resolver = Arc::new(Counting(AtomicUsize::new(0)));
+        let id = Arc::new(Identity::new(
+            IdentityConfig::default(),
+            &[],
+            Some(resolver.clone()),
+        ));
+        id.learn("t1", "client-a", Duration::from_secs(60));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let c = id.identify(&[], &headers("Bearer t1"), ip, 0).await;
+        assert_eq!(&*c.key, "client-a");
+        // Ten concurrent requests with one unseen token make one look-up.
+        let mut tasks = Vec::new();
+        for _ in 0..10 {
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                id.identify(&[], &headers("Bearer good-b"), ip, 0).await
+            }));
+        }
+        for t in tasks {
+            assert_eq!(&*t.await.unwrap().key, "b");
+        }
+        assert_eq!(resolver.0.load(Ordering::SeqCst), 1);
+        let c = id.identify(&[], &headers("Bearer bad"), ip, 0).await;
+        assert!(!c.known);
+        assert!(c.key.starts_with("token:") && !c.key.contains("bad"));
+        assert_eq!(&*c.label, "unknown");
+        // A token the upstream could not resolve is not asked about again for a while.
+        let asked = resolver.0.load(Ordering::SeqCst);
+        id.identify(&[], &headers("Bearer bad"), ip, 0).await;
+        assert_eq!(resolver.0.load(Ordering::SeqCst), asked);
+        let c = id
+            .identify(&[], &headers("Basic Y2xpZW50LXg6c2VjcmV0"), ip, 0)
+            .await;
+        assert_eq!(&*c.key, "client-x");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_are_rate_limited() {
+        let resolver = Arc::new(Counting(AtomicUsize::new(0)));
+        let cfg = IdentityConfig {
+            tokens_me_per_second: 5,
+            ..IdentityConfig::default()
+        };
+        let id = Identity::new(cfg, &[], Some(resolver.clone()));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        for i in 0..100 {
+            id.identify(&[], &headers(&format!("Bearer flood-{i}")), ip, 0)
+                .await;
+        }
+        assert!(resolver.0.load(Ordering::SeqCst) <= 10);
+    }
+
+    #[test]
+    fn token_map_is_bounded() {
+        let cfg = IdentityConfig {
+            max_keys: 1000,
+            ..IdentityConfig::default()
+        };
+        let id = Identity::new(cfg, &[], None);
+        for i in 0..100_000 {
+            id.learn(&format!("tok{i}"), "c", Duration::from_secs(60));
+        }
+        assert!(id.remembered_tokens() <= 1000);
+    }
+
+    #[tokio::test]
+    async fn configured_sources_and_priority() {
+        let clients: Vec<ClientConfig> =
+            vec![toml::from_str("id = \"ivr\"\nname = \"IVR\"\npriority = \"critical\"").unwrap()];
+        let id = Identity::new(IdentityConfig::default(), &clients, None);
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let sources = vec![
+            IdentitySource::Header(http::HeaderName::from_static("x-caller")),
+            IdentitySource::ClientIp,
+        ];
+        let mut h = HeaderMap::new();
+        h.insert("x-caller", HeaderValue::from_static("ivr"));
+        let c = id.identify(&sources, &h, ip, 0).await;
+        assert_eq!((&*c.key, &*c.label), ("ivr", "IVR"));
+        assert_eq!(Identity::priority(None, &c, &h), Priority::Critical);
+        h.insert("x-pacer-priority", HeaderValue::from_static("bulk"));
+        assert_eq!(Identity::priority(None, &c, &h), Priority::Bulk);
+        let other = id.identify(&sources, &HeaderMap::new(), ip, 0).await;
+        assert_eq!(&*other.key, "10.0.0.9");
+        assert_eq!(&*other.label, "other");
+        h.insert("x-pacer-priority", HeaderValue::from_static("critical"));
+        assert_eq!(
+            Identity::priority(Some(Priority::Bulk), &c, &h),
+            Priority::Bulk
+        );
+    }
+}

@@ -1,0 +1,29 @@
+//! pacer: a rate-limiting reverse proxy for the Genesys Cloud Platform API.
+//!
+//! The request path is assembled in one place, [`proxy::Proxy::pipeline`]:
+//! guard → route → access → identify → broker → admit (classify, quotas, queue) → learn →
+//! forward.
+
+pub mod adaptive;
+pub mod admin;
+pub mod admit;
+pub mod answer;
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod demo;
+pub mod endpoint;
+pub mod error;
+pub mod feedback;
+pub mod forward;
+pub mod guard;
+pub mod identity;
+pub mod limit;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod queue;
+pub mod route;
+pub mod server;
+pub mod sim;
+pub mod state;

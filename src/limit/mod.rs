@@ -1,0 +1,521 @@
+//! Layered quotas and concurrency caps: the pure admission core.
+//!
+//! [`Ledger`] takes `now` and a request's [`Demand`] and either reserves room in *every*
+//! layer that matches (all-or-nothing) or says how long until it could. It holds no clock
+//! and no lock; [`crate::queue`] adds waiting, time and sharing.
+
+pub mod window;
+
+use crate::config::{LimitConfig, Priority, QueueConfig, Scope};
+use crate::endpoint::{Classifier, Endpoint, Template};
+use http::Method;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use window::{Nanos, SlidingLog};
+
+/// One compiled `[[limit]]`.
+#[derive(Debug, Clone)]
+pub struct LimitSpec {
+    pub name: Arc<str>,
+    /// Upstream index it applies to; all when `None`.
+    pub upstream: Option<usize>,
+    /// Template index in the classifier; every request when `None`.
+    pub template: Option<usize>,
+    pub scope: Scope,
+    /// Requests per window after headroom, per priority class (critical, normal, bulk).
+    pub ceilings: Option<[u64; 3]>,
+    /// Requests per window after headroom (the critical ceiling).
+    pub requests: Option<u64>,
+    /// The advertised window (`per`), for headers.
+    pub per: Duration,
+    /// The counted window: `per` plus the guard interval.
+    pub window: Nanos,
+    /// In-flight cap per class.
+    pub concurrency: Option<[u64; 3]>,
+}
+
+/// Share of a limit each class may fill: critical all, normal all but the critical
+/// reserve, bulk at most `bulk_share` of that.
+fn ceilings(n: u64, q: &QueueConfig) -> [u64; 3] {
+    let normal = ((n as f64) * (1.0 - q.critical_reserve)).floor() as u64;
+    let bulk = ((n as f64) * q.bulk_share.min(1.0 - q.critical_reserve)).floor() as u64;
+    [n, normal.max(1), bulk.max(1)]
+}
+
+/// All limits of one configuration, with the classifier that names endpoints.
+#[derive(Debug, Clone)]
+pub struct LimitSet {
+    pub specs: Vec<LimitSpec>,
+    pub classifier: Arc<Classifier>,
+}
+
+impl LimitSet {
+    /// Compiles validated limits; `upstream_index` resolves upstream names.
+    pub fn new(
+        limits: &[LimitConfig],
+        queue: &QueueConfig,
+        upstream_index: impl Fn(&str) -> Option<usize>,
+    ) -> LimitSet {
+        let templates: Vec<Template> = limits
+            .iter()
+            .filter_map(|l| l.matches.as_deref().and_then(|m| Template::parse(m).ok()))
+            .collect();
+        let classifier = Classifier::new(templates);
+        let specs = limits
+            .iter()
+            .map(|l| {
+                let requests = l.effective_requests();
+                LimitSpec {
+                    name: Arc::from(l.name.as_str()),
+                    upstream: l.upstream.as_deref().and_then(&upstream_index),
+                    template: l
+                        .matches
+                        .as_deref()
+                        .and_then(|m| Template::parse(m).ok())
+                        .and_then(|t| classifier.index_of(t.label())),
+                    scope: l.scope,
+                    ceilings: requests.map(|n| ceilings(n, queue)),
+                    requests,
+                    per: l.per.map(|d| d.0).unwrap_or_default(),
+                    window: l
+                        .effective_window()
+                        .map(|d| d.as_nanos() as Nanos)
+                        .unwrap_or(0),
+                    concurrency: l.concurrency.map(|n| ceilings(n, queue)),
+                }
+            })
+            .collect();
+        LimitSet {
+            specs,
+            classifier: Arc::new(classifier),
+        }
+    }
+
+    /// The same limits with every quota and cap divided among `replicas` (at least 1 each):
+    /// the local shares used while a shared store is unreachable.
+    pub fn scaled(&self, replicas: u64) -> LimitSet {
+        let r = replicas.max(1);
+        let div = |n: u64| (n / r).max(1);
+        let mut set = self.clone();
+        for spec in &mut set.specs {
+            spec.requests = spec.requests.map(div);
+            spec.ceilings = spec.ceilings.map(|c| c.map(div));
+            spec.concurrency = spec.concurrency.map(|c| c.map(div));
+        }
+        set
+    }
+
+    /// The layers a request is subject to, with their keys.
+    pub fn demand(
+        &self,
+        upstream: usize,
+        caller: &Arc<str>,
+        method: &Method,
+        path: &str,
+        priority: Priority,
+    ) -> Demand {
+        let endpoint = self.classifier.classify(method, path);
+        let layers = self
+            .specs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.upstream.is_none_or(|u| u == upstream))
+            .filter(|(_, s)| {
+                s.template
+                    .is_none_or(|t| self.classifier.applies(t, &endpoint, method, path))
+            })
+            .map(|(i, s)| LayerKey {
+                limit: i,
+                part: match s.scope {
+                    Scope::Global => KeyPart::Global,
+                    Scope::Client => KeyPart::Client(caller.clone()),
+                    Scope::Endpoint => KeyPart::Endpoint(endpoint.label.clone()),
+                    Scope::ClientEndpoint => {
+                        KeyPart::ClientEndpoint(caller.clone(), endpoint.label.clone())
+                    }
+                },
+            })
+            .collect();
+        Demand {
+            upstream,
+            layers,
+            priority,
+            endpoint,
+            rate_scale: 1.0,
+        }
+    }
+}
+
+/// What a counter is kept per.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyPart {
+    Global,
+    Client(Arc<str>),
+    Endpoint(Arc<str>),
+    ClientEndpoint(Arc<str>, Arc<str>),
+}
+
+impl KeyPart {
+    /// Label value for metrics and `/status`.
+    pub fn label(&self) -> String {
+        match self {
+            KeyPart::Global => "global".into(),
+            KeyPart::Client(c) => c.to_string(),
+            KeyPart::Endpoint(e) => e.to_string(),
+            KeyPart::ClientEndpoint(c, e) => format!("{c} {e}"),
+        }
+    }
+}
+
+/// One counter: a limit and the key it is counted under.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LayerKey {
+    pub limit: usize,
+    pub part: KeyPart,
+}
+
+/// Everything one request needs from the ledger.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub upstream: usize,
+    pub layers: Vec<LayerKey>,
+    pub priority: Priority,
+    pub endpoint: Endpoint,
+    /// Share of every rate ceiling this request may use (adaptive mode cuts it after
+    /// upstream 429s); 1.0 normally.
+    pub rate_scale: f64,
+}
+
+/// Room taken by one admitted request; give it back with [`Ledger::refund`] or
+/// [`Ledger::release`].
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub at: Nanos,
+    pub layers: Vec<LayerKey>,
+    /// Unique per reservation where a shared store needs to name it; 0 in the local ledger.
+    pub id: u64,
+}
+
+/// Why a request cannot be admitted now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocked {
+    /// The layer that blocks longest.
+    pub layer: LayerKey,
+    /// Time until every rate layer has room; `None` when a concurrency cap blocks and
+    /// only a release can help.
+    pub wait: Option<Nanos>,
+    /// True when the upstream asked for this pause (shared pauses in a shared store).
+    pub paused: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counter {
+    log: SlidingLog,
+    inflight: u64,
+}
+
+/// The counters of every key: pure state, time passed in.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    counters: HashMap<LayerKey, Counter>,
+}
+
+/// Remaining room of the tightest layer, for `RateLimit` headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Headroom {
+    pub limit: usize,
+    pub quota: u64,
+    pub remaining: u64,
+    /// Seconds until the oldest counted request leaves the window.
+    pub reset: Duration,
+}
+
+impl Ledger {
+    /// An empty ledger.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of keys with state.
+    pub fn len(&self) -> usize {
+        self.counters.len()
+    }
+
+    /// True when no key has state.
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+    }
+
+    /// True when this key already has state.
+    pub fn has(&self, key: &LayerKey) -> bool {
+        self.counters.contains_key(key)
+    }
+
+    /// Reserves room in every layer, or says what blocks. `queued_ahead(layer)` is the number
+    /// of waiting requests that go before this one on that layer.
+    pub fn try_take(
+        &mut self,
+        set: &LimitSet,
+        now: Nanos,
+        demand: &Demand,
+        queued_ahead: &dyn Fn(&LayerKey) -> u64,
+    ) -> Result<Taken, Blocked> {
+        let class = demand.priority.index();
+        let mut blocked: Option<Blocked> = None;
+        for layer in &demand.layers {
+            let spec = &set.specs[layer.limit];
+            let counter = self.counters.entry(layer.clone()).or_default();
+            let ahead = queued_ahead(layer);
+            if let Some(ceil) = spec.ceilings {
+                counter.log.evict(now, spec.window);
+                let ceil = scaled(ceil[class], demand.rate_scale);
+                let wait = predicted_wait(&counter.log, now, spec.window, ceil, ahead);
+                if wait > 0 {
+                    let worse = match &blocked {
+                        None => true,
+                        Some(b) => b.wait.is_some_and(|w| wait > w),
+                    };
+                    if worse {
+                        blocked = Some(Blocked {
+                            layer: layer.clone(),
+                            wait: Some(wait),
+                            paused: false,
+                        });
+                    }
+                }
+            }
+            if let Some(ceil) = spec.concurrency {
+                if counter.inflight + ahead >= ceil[class] {
+                    blocked = Some(Blocked {
+                        layer: layer.clone(),
+                        wait: None,
+                        paused: false,
+                    });
+                }
+            }
+        }
+        if let Some(b) = blocked {
+            self.forget_idle(&demand.layers);
+            return Err(b);
+        }
+        for layer in &demand.layers {
+            let spec = &set.specs[layer.limit];
+            if let Some(counter) = self.counters.get_mut(layer) {
+                if spec.ceilings.is_some() {
+                    counter.log.record(now, spec.window);
+                }
+                if spec.concurrency.is_some() {
+                    counter.inflight += 1;
+                }
+            }
+        }
+        Ok(Taken {
+            at: now,
+            layers: demand.layers.clone(),
+            id: 0,
+        })
+    }
+
+    /// Records a send in every layer without checking for room: mirrors a send that a
+    /// shared store admitted, so local shares know this replica's own recent use.
+    pub fn record(&mut self, set: &LimitSet, now: Nanos, layers: &[LayerKey]) -> Taken {
+        self.record_sent(set, now, layers);
+        for layer in layers {
+            if set.specs[layer.limit].concurrency.is_some() {
+                self.counters.entry(layer.clone()).or_default().inflight += 1;
+            }
+        }
+        Taken {
+            at: now,
+            layers: layers.to_vec(),
+            id: 0,
+        }
+    }
+
+    /// Counts a send that already happened outside admission (pacer's own `tokens/me`
+    /// look-up): the upstream counts it, so the quota must too.
+    pub fn record_sent(&mut self, set: &LimitSet, now: Nanos, layers: &[LayerKey]) {
+        for layer in layers {
+            let spec = &set.specs[layer.limit];
+            if spec.ceilings.is_some() {
+                let counter = self.counters.entry(layer.clone()).or_default();
+                counter.log.evict(now, spec.window);
+                counter.log.record(now, spec.window);
+            }
+        }
+    }
+
+    /// Raises a rate key's count to at least `at_least` with sends recorded at `now`:
+    /// stands in for sends made elsewhere that this ledger cannot see.
+    pub fn pad(&mut self, set: &LimitSet, now: Nanos, layer: &LayerKey, at_least: u64) {
+        let spec = &set.specs[layer.limit];
+        if spec.ceilings.is_none() {
+            return;
+        }
+        let counter = self.counters.entry(layer.clone()).or_default();
+        counter.log.evict(now, spec.window);
+        for _ in counter.log.count()..at_least {
+            counter.log.record(now, spec.window);
+        }
+    }
+
+    /// Moves a request's counted send from its admission time to `now`, when its answer
+    /// has begun: the upstream received it no later than that, so the count now lasts at
+    /// least a window past its arrival however long it spent in pools and queues.
+    pub fn resend(&mut self, set: &LimitSet, now: Nanos, taken: &Taken) {
+        for layer in &taken.layers {
+            let spec = &set.specs[layer.limit];
+            if spec.ceilings.is_none() {
+                continue;
+            }
+            let counter = self.counters.entry(layer.clone()).or_default();
+            counter.log.evict(now, spec.window);
+            // Only while the admission-time entry is still counted: once it has expired,
+            // refunding would take someone else's.
+            if taken.at.saturating_add(spec.window) > now {
+                counter.log.refund(taken.at);
+            }
+            counter.log.record(now, spec.window);
+        }
+    }
+
+    /// Counted sends of every rate key as (time, count), for replaying into a shared store.
+    pub fn export(&mut self, set: &LimitSet, now: Nanos) -> Vec<(LayerKey, Vec<(Nanos, u32)>)> {
+        self.counters
+            .iter_mut()
+            .filter(|(k, _)| set.specs[k.limit].ceilings.is_some())
+            .map(|(k, c)| {
+                c.log.evict(now, set.specs[k.limit].window);
+                (k.clone(), c.log.entries().collect())
+            })
+            .filter(|(_, e): &(LayerKey, Vec<(Nanos, u32)>)| !e.is_empty())
+            .collect()
+    }
+
+    /// Takes back everything a request reserved: it was refused or cancelled before it
+    /// was sent, so it counts nowhere.
+    pub fn refund(&mut self, set: &LimitSet, taken: &Taken) {
+        for layer in &taken.layers {
+            let spec = &set.specs[layer.limit];
+            if let Some(counter) = self.counters.get_mut(layer) {
+                if spec.ceilings.is_some() {
+                    counter.log.refund(taken.at);
+                }
+            }
+        }
+        self.release(set, taken);
+    }
+
+    /// Ends a request's concurrency hold; its sends stay counted.
+    pub fn release(&mut self, set: &LimitSet, taken: &Taken) {
+        for layer in &taken.layers {
+            if set.specs[layer.limit].concurrency.is_some() {
+                if let Some(counter) = self.counters.get_mut(layer) {
+                    counter.inflight = counter.inflight.saturating_sub(1);
+                }
+            }
+        }
+        self.forget_idle(&taken.layers);
+    }
+
+    fn forget_idle(&mut self, layers: &[LayerKey]) {
+        for layer in layers {
+            if self
+                .counters
+                .get(layer)
+                .is_some_and(|c| c.inflight == 0 && c.log.is_empty())
+            {
+                self.counters.remove(layer);
+            }
+        }
+    }
+
+    /// Drops every key with nothing counted; returns how many remain.
+    pub fn sweep(&mut self, set: &LimitSet, now: Nanos) -> usize {
+        self.counters.retain(|k, c| {
+            c.log.evict(now, set.specs[k.limit].window);
+            c.inflight > 0 || !c.log.is_empty()
+        });
+        self.counters.len()
+    }
+
+    /// The rate layer of the demand's layers with the least room left for its priority
+    /// class (its share of the quota, as cut by `rate_scale`, not the whole).
+    pub fn tightest(&mut self, set: &LimitSet, now: Nanos, demand: &Demand) -> Option<Headroom> {
+        let class = demand.priority.index();
+        let mut best: Option<Headroom> = None;
+        for layer in &demand.layers {
+            let spec = &set.specs[layer.limit];
+            let Some(quota) = spec.ceilings.map(|c| scaled(c[class], demand.rate_scale)) else {
+                continue;
+            };
+            let (used, oldest) = match self.counters.get_mut(layer) {
+                Some(c) => {
+                    c.log.evict(now, spec.window);
+                    (c.log.count(), c.log.oldest())
+                }
+                None => (0, None),
+            };
+            let remaining = quota.saturating_sub(used);
+            let reset = oldest.map_or(Duration::ZERO, |t| {
+                Duration::from_nanos((t + spec.window).saturating_sub(now))
+            });
+            if best.as_ref().is_none_or(|b| remaining < b.remaining) {
+                best = Some(Headroom {
+                    limit: layer.limit,
+                    quota,
+                    remaining,
+                    reset,
+                });
+            }
+        }
+        best
+    }
+
+    /// Use of every key with state: (layer, used, in flight).
+    pub fn usage(&mut self, set: &LimitSet, now: Nanos) -> Vec<(LayerKey, u64, u64)> {
+        self.counters
+            .iter_mut()
+            .map(|(k, c)| {
+                c.log.evict(now, set.specs[k.limit].window);
+                (k.clone(), c.log.count(), c.inflight)
+            })
+            .collect()
+    }
+}
+
+/// A rate ceiling cut to `scale`, never below one request.
+pub fn scaled(ceiling: u64, scale: f64) -> u64 {
+    if scale >= 1.0 {
+        ceiling
+    } else {
+        ((ceiling as f64) * scale.max(0.0)).floor().max(1.0) as u64
+    }
+}
+
+/// Time until a request with `ahead` others queued before it fits under `ceiling`.
+fn predicted_wait(log: &SlidingLog, now: Nanos, window: Nanos, ceiling: u64, ahead: u64) -> Nanos {
+    if ahead < ceiling {
+        return log.wait_for_room(now, window, ceiling - ahead);
+    }
+    // More waiting than one window holds: each full window of them adds a window.
+    let windows = ahead / ceiling;
+    let rest = ahead % ceiling;
+    let first = log.wait_for_room(now, window, ceiling - rest).max(1);
+    first.saturating_add(window.saturating_mul(windows))
+}
+
+/// [`crate::config::MINIMAL`] plus `text`, and its compiled limits.
+#[cfg(test)]
+pub(crate) fn test_limits(text: &str) -> (crate::config::Config, LimitSet) {
+    let c = crate::config::Config::parse(&format!("{}{text}", crate::config::MINIMAL))
+        .expect("test config");
+    let s = LimitSet::new(&c.limits, &c.queue, |n| {
+        c.upstreams.iter().position(|u| u.name == n)
+    });
+    (c, s)
+}
+
+#[cfg(test)]
+mod tests;

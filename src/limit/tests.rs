@@ -1,0 +1,159 @@
+use super::*;
+use crate::config::Config;
+use proptest::prelude::*;
+
+fn set(text: &str) -> (Config, LimitSet) {
+    test_limits(text)
+}
+
+const LAYERS: &str = r#"
+[queue]
+critical_reserve = 0.0
+bulk_share = 1.0
+[[limit]]
+name = "client"
+scope = "client"
+requests = 5
+per = "1s"
+guard = "0ms"
+[[limit]]
+name = "org"
+scope = "global"
+requests = 8
+per = "2s"
+guard = "0ms"
+[[limit]]
+name = "ivr"
+match = "PUT /ivrs/{id}"
+scope = "client"
+requests = 2
+per = "500ms"
+guard = "0ms"
+"#;
+
+const MS: Nanos = 1_000_000;
+
+#[test]
+fn all_or_nothing_across_layers() {
+    let (_, s) = set(LAYERS);
+    let mut l = Ledger::new();
+    let a: Arc<str> = Arc::from("a");
+    let d = s.demand(0, &a, &Method::PUT, "/ivrs/1", Priority::Normal);
+    assert_eq!(d.layers.len(), 3);
+    assert!(l.try_take(&s, 0, &d, &|_| 0).is_ok());
+    assert!(l.try_take(&s, 1, &d, &|_| 0).is_ok());
+    let blocked = l.try_take(&s, 2, &d, &|_| 0).unwrap_err();
+    assert_eq!(s.specs[blocked.layer.limit].name.as_ref(), "ivr");
+    // The refused request took nothing from the other layers.
+    let g = s.demand(0, &a, &Method::GET, "/x", Priority::Normal);
+    for t in 0..3 {
+        assert!(l.try_take(&s, 3 + t, &g, &|_| 0).is_ok(), "{t}");
+    }
+    assert!(l.try_take(&s, 10, &g, &|_| 0).is_err());
+}
+
+#[test]
+fn priority_ceilings_keep_a_reserve_for_critical() {
+    let (_, s) = set(r#"
+[queue]
+critical_reserve = 0.2
+bulk_share = 0.5
+[[limit]]
+name = "client"
+scope = "client"
+requests = 10
+per = "1s"
+"#);
+    let mut l = Ledger::new();
+    let a: Arc<str> = Arc::from("a");
+    let bulk = s.demand(0, &a, &Method::GET, "/x", Priority::Bulk);
+    let normal = s.demand(0, &a, &Method::GET, "/x", Priority::Normal);
+    let critical = s.demand(0, &a, &Method::GET, "/x", Priority::Critical);
+    let taken = (0..20)
+        .filter(|&t| l.try_take(&s, t, &bulk, &|_| 0).is_ok())
+        .count();
+    assert_eq!(taken, 5);
+    let taken = (0..20)
+        .filter(|&t| l.try_take(&s, 20 + t, &normal, &|_| 0).is_ok())
+        .count();
+    assert_eq!(taken, 3);
+    let taken = (0..20)
+        .filter(|&t| l.try_take(&s, 40 + t, &critical, &|_| 0).is_ok())
+        .count();
+    assert_eq!(taken, 2);
+}
+
+#[test]
+fn concurrency_is_held_until_release() {
+    let (_, s) = set(r#"
+[[limit]]
+name = "jobs"
+scope = "global"
+concurrency = 2
+[queue]
+critical_reserve = 0.0
+"#);
+    let mut l = Ledger::new();
+    let a: Arc<str> = Arc::from("a");
+    let d = s.demand(0, &a, &Method::POST, "/jobs", Priority::Critical);
+    let t1 = l.try_take(&s, 0, &d, &|_| 0).unwrap();
+    let _t2 = l.try_take(&s, 0, &d, &|_| 0).unwrap();
+    assert_eq!(l.try_take(&s, 0, &d, &|_| 0).unwrap_err().wait, None);
+    l.release(&s, &t1);
+    assert!(l.try_take(&s, 0, &d, &|_| 0).is_ok());
+}
+
+proptest! {
+    /// Random arrivals over several layers, some refunded: in no window of any layer's
+    /// length, at any offset, are more than its quota admitted under one key.
+    #[test]
+    fn no_window_holds_more_than_the_quota(
+        steps in proptest::collection::vec((0u64..120, 0usize..3, 0usize..3, any::<bool>()), 1..600),
+    ) {
+        let (_, s) = set(LAYERS);
+        let mut l = Ledger::new();
+        let clients: Vec<Arc<str>> = ["a", "b", "c"].iter().map(|c| Arc::from(*c)).collect();
+        let paths = [(Method::PUT, "/ivrs/1"), (Method::GET, "/x"), (Method::PUT, "/ivrs/2")];
+        let mut now = 0;
+        let mut sent: HashMap<LayerKey, Vec<Nanos>> = HashMap::new();
+        for (gap, c, p, cancel) in steps {
+            now += gap * MS / 4;
+            let (m, path) = &paths[p];
+            let d = s.demand(0, &clients[c], m, path, Priority::Normal);
+            if let Ok(taken) = l.try_take(&s, now, &d, &|_| 0) {
+                if cancel {
+                    l.refund(&s, &taken);
+                } else {
+                    for layer in &taken.layers {
+                        sent.entry(layer.clone()).or_default().push(now);
+                    }
+                }
+            }
+        }
+        for (layer, times) in &sent {
+            let spec = &s.specs[layer.limit];
+            let n = spec.requests.unwrap();
+            for (i, &start) in times.iter().enumerate() {
+                let inside = times[i..].iter().take_while(|&&t| t < start + spec.window).count() as u64;
+                prop_assert!(inside <= n, "{} {:?}: {inside} > {n}", spec.name, layer.part);
+            }
+        }
+    }
+
+    /// Refunded requests leave the ledger exactly as if they never came.
+    #[test]
+    fn refunds_leave_no_trace(times in proptest::collection::vec(0u64..1000, 1..50)) {
+        let (_, s) = set(LAYERS);
+        let mut l = Ledger::new();
+        let a: Arc<str> = Arc::from("a");
+        let d = s.demand(0, &a, &Method::PUT, "/ivrs/1", Priority::Normal);
+        let mut now = 0;
+        for t in times {
+            now += t * MS;
+            if let Ok(taken) = l.try_take(&s, now, &d, &|_| 0) {
+                l.refund(&s, &taken);
+            }
+            prop_assert!(l.is_empty());
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The `pacer` command line.
+
+use clap::{Parser, Subcommand};
+use pacer::config::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "pacer",
+    version,
+    about = "Rate-limiting reverse proxy for the Genesys Cloud Platform API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show pacer at work: the simulator, a runaway bulk job and IVR traffic, direct vs through pacer.
+    Demo {
+        /// How long the whole demo runs (both phases).
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Serve with a configuration file.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "PACER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and list every error with its key path.
+    CheckConfig {
+        /// Configuration file (TOML).
+        file: PathBuf,
+    },
+    /// Run the built-in Genesys-like upstream simulator.
+    Simulate {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Simulator configuration (TOML); Genesys-like defaults without it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PACER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pacer: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} upstreams, {} routes, {} limits)",
+                    file.display(),
+                    c.upstreams.len(),
+                    c.routes.len(),
+                    c.limits.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} error(s)", file.display(), errors.0.len());
+                for e in &errors.0 {
+                    eprintln!("  {e}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => {
+            init_tracing();
+            let path = config;
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!(
+                        "pacer: refusing to start, {} configuration error(s):",
+                        errors.0.len()
+                    );
+                    for e in &errors.0 {
+                        eprintln!("  {e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(pacer::app::run(config, Some(path))) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pacer: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Simulate { listen, config } => {
+            init_tracing();
+            let config = match config {
+                Some(path) => match pacer::sim::SimConfig::from_file(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("pacer: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => pacer::sim::SimConfig::default(),
+            };
+            match runtime.block_on(pacer::sim::serve(listen, config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pacer: simulator: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { duration } => {
+            if std::env::var_os("PACER_LOG").is_some() {
+                init_tracing();
+            }
+            match runtime.block_on(pacer::demo::run(duration)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("pacer: demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

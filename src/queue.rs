@@ -1,0 +1,679 @@
+//! Admission with waiting: a request that fits is reserved at once; one that will fit
+//! within `max_wait` waits in a FIFO per priority; one that will not is shed at once with
+//! a truthful `Retry-After`.
+//!
+//! The queue is always local, whatever [`Backend`] holds the counters: a replica queues its
+//! own callers and retries admission at the predicted time, never by polling.
+//! Reservations are RAII: a [`Reservation`] dropped before [`Reservation::commit`] (the
+//! caller went away, the request was refused) gives everything back; a [`Permit`] holds
+//! concurrency until the response is done.
+
+use crate::config::{Priority, QueueConfig};
+use crate::error::ShedReason;
+use crate::limit::window::Nanos;
+use crate::limit::{Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
+use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+/// A request pacer will not send now, and when to try again.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: ShedReason,
+    pub retry_after: Duration,
+    /// `RateLimit-Policy` and `RateLimit` values of the layer that refused.
+    pub policy: Option<(String, String)>,
+}
+
+/// Who an upstream pause applies to: an upstream and a caller.
+pub type PauseKey = (usize, Arc<str>);
+
+struct Waiter {
+    demand: Arc<Demand>,
+    pause: Option<PauseKey>,
+    /// Not admitted before this (pause end plus jitter).
+    not_before: Nanos,
+    /// Requests with the same signature are blocked by the same thing.
+    signature: u64,
+    /// What blocked it last, for the answer if it times out.
+    last_blocked: Option<Blocked>,
+    tx: oneshot::Sender<Reservation>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Waiters by (priority, arrival): iteration order is admission order.
+    waiters: BTreeMap<(usize, u64), Waiter>,
+    /// Waiting requests per layer and class.
+    waiting: HashMap<LayerKey, [u64; 3]>,
+    depth: [usize; 3],
+    depth_by_upstream: HashMap<usize, [usize; 3]>,
+    pauses: HashMap<PauseKey, Nanos>,
+    seq: u64,
+}
+
+impl State {
+    fn remove_waiter(&mut self, key: (usize, u64)) -> Option<Waiter> {
+        let w = self.waiters.remove(&key)?;
+        for layer in &w.demand.layers {
+            if let Some(c) = self.waiting.get_mut(layer) {
+                c[key.0] = c[key.0].saturating_sub(1);
+                if c.iter().all(|&n| n == 0) {
+                    self.waiting.remove(layer);
+                }
+            }
+        }
+        self.depth[key.0] = self.depth[key.0].saturating_sub(1);
+        if let Some(d) = self.depth_by_upstream.get_mut(&w.demand.upstream) {
+            d[key.0] = d[key.0].saturating_sub(1);
+        }
+        Some(w)
+    }
+
+    fn paused_until(&self, key: &Option<PauseKey>, now: Nanos) -> Option<Nanos> {
+        let until = *self.pauses.get(key.as_ref()?)?;
+        (until > now).then_some(until)
+    }
+
+    /// Waiting requests of the same or higher priority, per layer of `demand`.
+    fn ahead(&self, demand: &Demand) -> Vec<u64> {
+        let top = demand.priority.index();
+        demand
+            .layers
+            .iter()
+            .map(|l| self.waiting.get(l).map_or(0, |c| c[..=top].iter().sum()))
+            .collect()
+    }
+}
+
+struct Shared {
+    set: Arc<LimitSet>,
+    backend: Arc<dyn Backend>,
+    queue: QueueConfig,
+    max_keys: usize,
+    clock: Clock,
+    state: Mutex<State>,
+    wake: Arc<Notify>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The queue's bookkeeping stays consistent per operation; after a panic elsewhere
+        // keep serving with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the backend, making sure a grant whose caller went away meanwhile is refunded.
+    async fn take(
+        self: &Arc<Self>,
+        demand: Arc<Demand>,
+        ahead: Vec<u64>,
+    ) -> Result<Grant, Blocked> {
+        let backend = self.backend.clone();
+        if !backend.is_remote() {
+            return backend.take(demand, ahead).await;
+        }
+        // A shared store answers over the network: run the call to completion even if
+        // this caller leaves, so a grant is never lost.
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let result = backend.clone().take(demand, ahead).await;
+            if let Err(Ok(grant)) = tx.send(result) {
+                backend.refund(&grant.taken);
+            }
+        });
+        rx.await.unwrap_or(Err(Blocked {
+            layer: LayerKey {
+                limit: 0,
+                part: crate::limit::KeyPart::Global,
+            },
+            wait: Some(1_000_000_000),
+            paused: false,
+        }))
+    }
+}
+
+/// The admission controller shared by every request of one pacer instance.
+#[derive(Clone)]
+pub struct Admission {
+    shared: Arc<Shared>,
+}
+
+/// Caller key used once `max_keys` distinct keys are in use, so that a flood of distinct
+/// unknown callers shares one quota instead of exhausting memory.
+pub const OVERFLOW_CALLER: &str = "overflow";
+
+impl Admission {
+    /// A controller with counters in this process.
+    pub fn new(set: LimitSet, queue: QueueConfig, max_keys: usize) -> Admission {
+        let set = Arc::new(set);
+        let clock = Clock::default();
+        let backend = Arc::new(LocalBackend::new(set.clone(), clock));
+        Self::with_backend(set, backend, clock, queue, max_keys)
+    }
+
+    /// A controller over any backend; starts the scheduler task.
+    pub fn with_backend(
+        set: Arc<LimitSet>,
+        backend: Arc<dyn Backend>,
+        clock: Clock,
+        queue: QueueConfig,
+        max_keys: usize,
+    ) -> Admission {
+        let wake = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            set,
+            backend,
+            queue,
+            max_keys,
+            clock,
+            state: Mutex::new(State::default()),
+            wake: wake.clone(),
+        });
+        tokio::spawn(schedule(Arc::downgrade(&shared), wake));
+        Admission { shared }
+    }
+
+    /// The compiled limits.
+    pub fn limits(&self) -> &LimitSet {
+        &self.shared.set
+    }
+
+    /// Mode and health of the counter store.
+    pub fn backend_status(&self) -> BackendStatus {
+        self.shared.backend.status()
+    }
+
+    /// What a request needs; a caller new to a full store is counted as [`OVERFLOW_CALLER`].
+    pub fn demand(
+        &self,
+        upstream: usize,
+        caller: &Arc<str>,
+        method: &http::Method,
+        path: &str,
+        priority: Priority,
+    ) -> Demand {
+        let set = &self.shared.set;
+        let backend = &self.shared.backend;
+        let demand = set.demand(upstream, caller, method, path, priority);
+        if backend.key_count() >= self.shared.max_keys
+            && demand.layers.iter().any(|l| !backend.has_key(l))
+        {
+            return set.demand(
+                upstream,
+                &Arc::from(OVERFLOW_CALLER),
+                method,
+                path,
+                priority,
+            );
+        }
+        demand
+    }
+
+    /// Reserves room for `demand`, waiting at most `max_wait`.
+    pub async fn admit(
+        &self,
+        demand: Demand,
+        pause: Option<PauseKey>,
+        max_wait: Duration,
+    ) -> Result<Reservation, Refusal> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let max_wait_ns = max_wait.as_nanos() as Nanos;
+        let demand = Arc::new(demand);
+        let now = shared.clock.now();
+        let (paused, ahead) = {
+            let state = shared.lock();
+            (state.paused_until(&pause, now), state.ahead(&demand))
+        };
+        if let Some(until) = paused {
+            if until - now > max_wait_ns {
+                return Err(Refusal {
+                    reason: ShedReason::UpstreamPaused,
+                    retry_after: Duration::from_nanos(until - now),
+                    policy: None,
+                });
+            }
+        }
+        let blocked = match paused {
+            Some(_) => None,
+            None => match shared.take(demand.clone(), ahead).await {
+                Ok(grant) => return Ok(Reservation::new(shared.clone(), grant, Duration::ZERO)),
+                Err(b) => Some(b),
+            },
+        };
+        if let Some(b) = &blocked {
+            if let Some(wait) = b.wait.filter(|&w| w > max_wait_ns) {
+                let reason = if b.paused {
+                    ShedReason::UpstreamPaused
+                } else {
+                    ShedReason::WaitTooLong
+                };
+                return Err(Refusal {
+                    reason,
+                    retry_after: Duration::from_nanos(wait),
+                    policy: Some(shed_headers(&shared.set, b)),
+                });
+            }
+        }
+        let (rx, key) = {
+            let mut state = shared.lock();
+            if state.depth.iter().sum::<usize>() >= shared.queue.max_depth {
+                let wait = blocked
+                    .as_ref()
+                    .and_then(|b| b.wait)
+                    .unwrap_or(1_000_000_000);
+                return Err(Refusal {
+                    reason: ShedReason::QueueFull,
+                    retry_after: Duration::from_nanos(wait),
+                    policy: blocked.as_ref().map(|b| shed_headers(&shared.set, b)),
+                });
+            }
+            let not_before = paused.map_or(0, |until| until + jitter(until - now));
+            let (tx, rx) = oneshot::channel();
+            state.seq += 1;
+            let key = (demand.priority.index(), state.seq);
+            for layer in &demand.layers {
+                state.waiting.entry(layer.clone()).or_default()[key.0] += 1;
+            }
+            state.depth[key.0] += 1;
+            state.depth_by_upstream.entry(demand.upstream).or_default()[key.0] += 1;
+            let signature = signature(&demand, &pause);
+            state.waiters.insert(
+                key,
+                Waiter {
+                    demand: demand.clone(),
+                    pause: pause.clone(),
+                    not_before,
+                    signature,
+                    last_blocked: blocked.clone(),
+                    tx,
+                },
+            );
+            (rx, key)
+        };
+        shared.wake.notify_one();
+
+        let mut guard = WaiterGuard {
+            shared: shared.clone(),
+            key: Some(key),
+        };
+        match tokio::time::timeout_at(started + max_wait, rx).await {
+            Ok(Ok(mut reservation)) => {
+                guard.key = None;
+                reservation.waited = started.elapsed();
+                Ok(reservation)
+            }
+            _ => {
+                let last = guard.take();
+                let (retry_after, policy) = match last.and_then(|w| w.last_blocked) {
+                    Some(b) => (
+                        Duration::from_nanos(b.wait.unwrap_or(1_000_000_000)),
+                        Some(shed_headers(&shared.set, &b)),
+                    ),
+                    None => (Duration::from_secs(1), None),
+                };
+                Err(Refusal {
+                    reason: ShedReason::WaitTooLong,
+                    retry_after,
+                    policy,
+                })
+            }
+        }
+    }
+
+    /// Counts a request pacer itself sent to the upstream (a `tokens/me` look-up) against
+    /// the caller's quotas.
+    pub fn record_sent(
+        &self,
+        upstream: usize,
+        caller: &Arc<str>,
+        method: &http::Method,
+        path: &str,
+    ) {
+        let demand = self
+            .shared
+            .set
+            .demand(upstream, caller, method, path, Priority::Critical);
+        self.shared.backend.record_sent(&demand);
+    }
+
+    /// The upstream reported its own count for the caller (`inin-ratelimit-count`): the
+    /// caller's per-client quota among `layers` counts at least that many, so use of the
+    /// same OAuth client outside pacer is taken into account.
+    pub fn upstream_count(&self, layers: &[LayerKey], used: u64) {
+        let set = &self.shared.set;
+        let per_client = layers.iter().find(|l| {
+            let spec = &set.specs[l.limit];
+            spec.scope == crate::config::Scope::Client
+                && spec.template.is_none()
+                && spec.ceilings.is_some()
+        });
+        if let Some(layer) = per_client {
+            self.shared.backend.at_least(layer, used);
+        }
+    }
+
+    /// The upstream asked for a pause: nothing for this key is sent before `retry_after`.
+    pub fn pause(&self, key: PauseKey, retry_after: Duration) {
+        let shared = &self.shared;
+        let until = shared.clock.now() + retry_after.as_nanos() as Nanos;
+        shared
+            .backend
+            .pause(&format!("{}:{}", key.0, key.1), retry_after);
+        let mut state = shared.lock();
+        let entry = state.pauses.entry(key).or_insert(0);
+        *entry = (*entry).max(until);
+        drop(state);
+        shared.wake.notify_one();
+    }
+
+    /// Remaining pause of every paused key.
+    pub fn pauses(&self) -> Vec<(PauseKey, Duration)> {
+        let now = self.shared.clock.now();
+        let state = self.shared.lock();
+        state
+            .pauses
+            .iter()
+            .filter(|(_, &until)| until > now)
+            .map(|(k, &until)| (k.clone(), Duration::from_nanos(until - now)))
+            .collect()
+    }
+
+    /// Waiting requests per priority class (critical, normal, bulk).
+    pub fn depth(&self) -> [usize; 3] {
+        self.shared.lock().depth
+    }
+
+    /// Waiting requests per upstream and priority class.
+    pub fn depth_by_upstream(&self) -> HashMap<usize, [usize; 3]> {
+        self.shared.lock().depth_by_upstream.clone()
+    }
+
+    /// Use of every key with state: (layer, used, in flight).
+    pub fn usage(&self) -> Vec<(LayerKey, u64, u64)> {
+        self.shared.backend.usage()
+    }
+
+    /// Number of keys with state (bounded by `max_keys` plus the overflow key).
+    pub fn keys(&self) -> usize {
+        self.shared.backend.key_count()
+    }
+}
+
+/// Up to a tenth of the pause, at most one second: resumed requests do not all leave at once.
+fn jitter(pause: Nanos) -> Nanos {
+    let max = (pause / 10).min(1_000_000_000);
+    if max == 0 {
+        0
+    } else {
+        rand::random::<u64>() % max
+    }
+}
+
+fn signature(demand: &Demand, pause: &Option<PauseKey>) -> u64 {
+    let mut h = DefaultHasher::new();
+    demand.layers.hash(&mut h);
+    demand.priority.hash(&mut h);
+    pause.hash(&mut h);
+    h.finish()
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft syntax) for a layer that refused.
+fn shed_headers(set: &LimitSet, b: &Blocked) -> (String, String) {
+    let spec = &set.specs[b.layer.limit];
+    let quota = spec
+        .requests
+        .or(spec.concurrency.map(|c| c[0]))
+        .unwrap_or(0);
+    let reset = ceil_secs(Duration::from_nanos(b.wait.unwrap_or(1_000_000_000))).max(1);
+    let policy = match spec.requests {
+        Some(_) => format!(
+            "\"{}\";q={quota};w={}",
+            spec.name,
+            spec.per.as_secs().max(1)
+        ),
+        None => format!("\"{}\";q={quota}", spec.name),
+    };
+    (policy, format!("\"{}\";r=0;t={reset}", spec.name))
+}
+
+/// Header values describing the room left in one layer.
+pub fn headroom_headers(set: &LimitSet, h: &Headroom) -> (String, String) {
+    let spec = &set.specs[h.limit];
+    (
+        format!(
+            "\"{}\";q={};w={}",
+            spec.name,
+            h.quota,
+            spec.per.as_secs().max(1)
+        ),
+        format!(
+            "\"{}\";r={};t={}",
+            spec.name,
+            h.remaining,
+            ceil_secs(h.reset)
+        ),
+    )
+}
+
+/// Removes a waiter whose caller gave up (timeout or disconnect).
+struct WaiterGuard {
+    shared: Arc<Shared>,
+    key: Option<(usize, u64)>,
+}
+
+impl WaiterGuard {
+    fn take(&mut self) -> Option<Waiter> {
+        let key = self.key.take()?;
+        let removed = self.shared.lock().remove_waiter(key);
+        removed
+    }
+}
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        // Dropped outside the lock: the waiter owns nothing but its channel.
+        drop(self.take());
+    }
+}
+
+/// Room reserved for one request in every layer it matches.
+pub struct Reservation {
+    shared: Arc<Shared>,
+    taken: Option<Taken>,
+    headroom: Option<Headroom>,
+    waited: Duration,
+}
+
+impl Reservation {
+    fn new(shared: Arc<Shared>, grant: Grant, waited: Duration) -> Self {
+        Reservation {
+            shared,
+            taken: Some(grant.taken),
+            headroom: grant.headroom,
+            waited,
+        }
+    }
+
+    /// How long the request waited in the queue.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` values for the tightest layer.
+    pub fn headers(&self) -> Option<(String, String)> {
+        self.headroom
+            .as_ref()
+            .map(|h| headroom_headers(&self.shared.set, h))
+    }
+
+    /// The request is being sent: its sends stay counted; concurrency is held by the
+    /// returned permit until the response is done.
+    pub fn commit(mut self) -> Permit {
+        Permit {
+            shared: self.shared.clone(),
+            taken: self.taken.take(),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            self.shared.backend.refund(&taken);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Concurrency held by a request in flight; released on drop.
+pub struct Permit {
+    shared: Arc<Shared>,
+    taken: Option<Taken>,
+}
+
+impl Permit {
+    /// The upstream has begun to answer: count the send from now (see `Ledger::resend`).
+    pub fn answered(&self) {
+        if let Some(taken) = &self.taken {
+            self.shared.backend.answered(taken);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            let holds = taken
+                .layers
+                .iter()
+                .any(|l| self.shared.set.specs[l.limit].concurrency.is_some());
+            self.shared.backend.release(&taken);
+            if holds {
+                self.shared.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Admits waiters in priority then arrival order whenever room may have appeared: on a
+/// release or refund, a new waiter, or the earliest time a blocked layer opens.
+async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        let next = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            if last_sweep.elapsed() > Duration::from_secs(10) {
+                shared.backend.sweep();
+                let now = shared.clock.now();
+                shared.lock().pauses.retain(|_, until| *until > now);
+                last_sweep = Instant::now();
+            }
+            drain(&shared).await.map(|at| shared.clock.instant(at))
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep_until(at) => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+struct Candidate {
+    key: (usize, u64),
+    signature: u64,
+    demand: Arc<Demand>,
+    pause: Option<PauseKey>,
+    not_before: Nanos,
+}
+
+/// One pass over the waiters; returns when to look again.
+async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
+    let candidates: Vec<Candidate> = {
+        let mut state = shared.lock();
+        let closed: Vec<(usize, u64)> = state
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.tx.is_closed())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in closed {
+            state.remove_waiter(key);
+        }
+        state
+            .waiters
+            .iter()
+            .map(|(key, w)| Candidate {
+                key: *key,
+                signature: w.signature,
+                demand: w.demand.clone(),
+                pause: w.pause.clone(),
+                not_before: w.not_before,
+            })
+            .collect()
+    };
+    let mut next: Option<Nanos> = None;
+    let mut soonest = |t: Nanos| next = Some(next.map_or(t, |n: Nanos| n.min(t)));
+    let mut blocked: HashSet<u64> = HashSet::new();
+    for c in candidates {
+        if blocked.contains(&c.signature) {
+            continue;
+        }
+        let now = shared.clock.now();
+        let paused = shared.lock().paused_until(&c.pause, now);
+        let not_before = paused.unwrap_or(0).max(c.not_before);
+        if not_before > now {
+            soonest(not_before);
+            blocked.insert(c.signature);
+            continue;
+        }
+        let zeros = vec![0; c.demand.layers.len()];
+        match shared.take(c.demand.clone(), zeros).await {
+            Ok(grant) => {
+                let waiter = shared.lock().remove_waiter(c.key);
+                let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO);
+                // A caller that left meanwhile drops it here, outside the lock: refunded.
+                if let Some(w) = waiter {
+                    let _ = w.tx.send(reservation);
+                }
+            }
+            Err(b) => {
+                blocked.insert(c.signature);
+                match b.wait {
+                    Some(wait) => soonest(now + wait.max(1)),
+                    None => {
+                        if let Some(retry) = shared.backend.concurrency_retry() {
+                            soonest(
+                                now + retry.as_nanos() as Nanos
+                                    + jitter(retry.as_nanos() as Nanos * 5),
+                            );
+                        }
+                    }
+                }
+                if let Some(w) = shared.lock().waiters.get_mut(&c.key) {
+                    w.last_blocked = Some(b);
+                }
+            }
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,222 @@
+use super::*;
+use http::Method;
+
+fn admission(limits: &str) -> Admission {
+    let (c, set) = crate::limit::test_limits(limits);
+    Admission::new(set, c.queue.clone(), c.identity.max_keys)
+}
+
+const TEN_PER_SECOND: &str = r#"
+[queue]
+critical_reserve = 0.0
+bulk_share = 1.0
+[[limit]]
+name = "client"
+scope = "client"
+requests = 10
+per = "1s"
+guard = "0ms"
+"#;
+
+fn demand(a: &Admission, caller: &str, p: Priority) -> Demand {
+    a.demand(0, &Arc::from(caller), &Method::GET, "/x", p)
+}
+
+#[tokio::test(start_paused = true)]
+async fn waits_for_the_window_then_sheds_what_cannot_wait() {
+    let a = admission(TEN_PER_SECOND);
+    for _ in 0..10 {
+        a.admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .commit();
+    }
+    let start = Instant::now();
+    let r = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(r.waited(), Duration::from_secs(1));
+    r.commit();
+    // Window full again and a wait of 1s allowed only 500ms: shed at once with Retry-After.
+    for _ in 0..9 {
+        a.admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .commit();
+    }
+    let before = Instant::now();
+    let refused = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_millis(500),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(before.elapsed(), Duration::ZERO);
+    assert_eq!(refused.reason, ShedReason::WaitTooLong);
+    assert!(refused.retry_after > Duration::from_millis(500));
+    let (policy, state) = refused.policy.unwrap();
+    assert_eq!(policy, "\"client\";q=10;w=1");
+    assert!(state.starts_with("\"client\";r=0;t="), "{state}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_waiters_free_everything() {
+    let a = admission(TEN_PER_SECOND);
+    for _ in 0..10 {
+        a.admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .commit();
+    }
+    let mut waiting = Vec::new();
+    for _ in 0..1000 {
+        let a2 = a.clone();
+        let d = demand(&a, "c", Priority::Normal);
+        waiting.push(tokio::spawn(async move {
+            a2.admit(d, None, Duration::from_secs(300))
+                .await
+                .map(|_| ())
+        }));
+    }
+    for _ in 0..100 {
+        if a.depth()[1] == 1000 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.depth()[1], 1000);
+    for w in &waiting {
+        w.abort();
+    }
+    for w in waiting {
+        let _ = w.await;
+    }
+    assert_eq!(a.depth(), [0, 0, 0]);
+    // The next window is fully usable by a different caller's neighbour on the same key.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        let r = a
+            .admit(demand(&a, "c", Priority::Normal), None, Duration::ZERO)
+            .await;
+        assert!(r.is_ok());
+        r.unwrap().commit();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn uncommitted_reservations_are_refunded() {
+    let a = admission(TEN_PER_SECOND);
+    for _ in 0..100 {
+        let r = a
+            .admit(demand(&a, "c", Priority::Normal), None, Duration::ZERO)
+            .await
+            .unwrap();
+        drop(r);
+    }
+    assert_eq!(a.keys(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn critical_waiters_go_first() {
+    let a = admission(TEN_PER_SECOND);
+    for _ in 0..10 {
+        a.admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .commit();
+    }
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for (i, p) in [
+        Priority::Bulk,
+        Priority::Normal,
+        Priority::Critical,
+        Priority::Bulk,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let a2 = a.clone();
+        let d = demand(&a, "c", p);
+        let order = order.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = a2.admit(d, None, Duration::from_secs(5)).await.unwrap();
+            order.lock().unwrap().push(i);
+            r.commit();
+        }));
+        tokio::task::yield_now().await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![2, 1, 0, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_pause_holds_then_resumes() {
+    let a = admission(TEN_PER_SECOND);
+    let key: PauseKey = (0, Arc::from("c"));
+    a.pause(key.clone(), Duration::from_secs(3));
+    let refused = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            Some(key.clone()),
+            Duration::from_secs(1),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.reason, ShedReason::UpstreamPaused);
+    assert_eq!(refused.retry_after, Duration::from_secs(3));
+    let start = Instant::now();
+    a.admit(
+        demand(&a, "c", Priority::Normal),
+        Some(key),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_millis(3400),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn distinct_callers_beyond_max_keys_share_the_overflow_key() {
+    let text = format!("{TEN_PER_SECOND}\n[identity]\nmax_keys = 100\n");
+    let a = admission(&text);
+    for i in 0..10_000 {
+        let d = demand(&a, &format!("token:{i}"), Priority::Normal);
+        if let Ok(r) = a.admit(d, None, Duration::ZERO).await {
+            r.commit();
+        }
+    }
+    assert!(a.keys() <= 101, "{}", a.keys());
+}

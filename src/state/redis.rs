@@ -1,0 +1,1017 @@
+//! Counters shared by every replica in Redis.
+//!
+//! One admission is one Lua script, one round trip: it trims every layer's window, checks
+//! room in all of them and records the send in all of them, or in none. Rate layers are
+//! sorted sets of send times; concurrency layers are sorted sets of leases scored by their
+//! expiry, so a crashed replica's permits come back after `lease_ttl`. Time is Redis'
+//! own (`TIME`), so replicas' clocks never disagree about a window. Every key carries the
+//! `{prefix}` hash tag: all keys of one admission live in one slot.
+//!
+//! If Redis is unreachable or slower than `timeout`, the request is decided by a local
+//! ledger holding `quota / replicas` (a breaker then skips Redis until a heartbeat finds it
+//! again). That ledger mirrors every send this replica made through Redis, so its own
+//! recent use still counts; on recovery the mirror is replayed into Redis so the shared
+//! windows learn what was sent meanwhile.
+//!
+//! Redis is one server (`mode = "single"`), a Redis Cluster (`cluster`: every admission's
+//! keys share the tag's slot, so its script runs on that slot's primary) or the primary that
+//! Sentinels name (`sentinel`: asked at every (re)connection, so a failover is followed once
+//! the heartbeat replaces the dead connection).
+
+use super::{Backend, BackendStatus, Clock, Grant};
+use crate::config::{RedisMode, StateConfig};
+use crate::limit::window::Nanos;
+use crate::limit::{scaled, Blocked, Demand, Headroom, KeyPart, LayerKey, Ledger, LimitSet, Taken};
+use futures_util::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Trims, checks and records every layer of one request atomically.
+///
+/// KEYS: one per layer, then the pause key. ARGV: layer count, member, then per layer
+/// kind (1 rate, 2 concurrency), ceiling, span in µs (window or lease), ahead, quota.
+/// Returns `{1, now_us, tight_key, remaining, reset_us, counts...}` or
+/// `{0, wait_us (-1: concurrency), key, paused, 0, counts...}`, where `counts` is each key's
+/// use as seen by this admission.
+const ADMIT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = tonumber(ARGV[1])
+local member = ARGV[2]
+local pause = redis.call('PTTL', KEYS[n + 1])
+if pause > 0 then return {0, pause * 1000, 0, 1, 0} end
+local worst, worst_layer = -2, 0
+local counts = {}
+for i = 1, n do
+  local b = 2 + (i - 1) * 5
+  local kind, ceil, span, ahead = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  local key = KEYS[i]
+  if kind == 1 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - span)
+    local count = redis.call('ZCARD', key)
+    counts[i] = count
+    local room = ceil - ahead
+    if count >= room then
+      local wait
+      if room <= 0 then
+        wait = span * (1 + math.floor(ahead / ceil))
+      else
+        local e = redis.call('ZRANGE', key, count - room, count - room, 'WITHSCORES')
+        wait = tonumber(e[2]) + span - now
+      end
+      if wait < 1 then wait = 1 end
+      if worst ~= -1 and wait > worst then worst, worst_layer = wait, i end
+    end
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    local count = redis.call('ZCARD', key)
+    counts[i] = count
+    if count + ahead >= ceil then worst, worst_layer = -1, i end
+  end
+end
+if worst ~= -2 then
+  local out = {0, worst, worst_layer, 0, 0}
+  for i = 1, n do out[#out + 1] = counts[i] end
+  return out
+end
+local tight, remaining, reset = 0, -1, 0
+for i = 1, n do
+  local b = 2 + (i - 1) * 5
+  local kind, span, quota = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 5])
+  local key = KEYS[i]
+  if kind == 1 then
+    redis.call('ZADD', key, now, member)
+    local left = quota - counts[i] - 1
+    if remaining < 0 or left < remaining then
+      tight, remaining = i, left
+      local e = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+      reset = tonumber(e[2]) + span - now
+    end
+  else
+    redis.call('ZADD', key, now + span, member)
+  end
+  redis.call('PEXPIRE', key, math.floor(span / 1000) + 1000)
+end
+local out = {1, now, tight, remaining, reset}
+for i = 1, n do out[#out + 1] = counts[i] + 1 end
+return out
+"#;
+
+/// Records one send in every key at Redis' time. KEYS: rate keys; ARGV: member, then each
+/// key's expiry in ms.
+const RECORD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now, ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[i + 1])
+end
+return 1
+"#;
+
+/// Consecutive failures that open the breaker.
+const BREAKER_FAILURES: u32 = 3;
+/// Heartbeat period: replica count, lease renewal, breaker probes.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A replica whose heartbeat is older than this no longer counts.
+const REPLICA_STALE_MS: u64 = 10_000;
+/// Failed heartbeats in a row after which the connection is replaced.
+const DEAD_AFTER_BEATS: u32 = 2;
+/// Longest wait between reconnection attempts while Redis is down.
+const MAX_RECONNECT: Duration = Duration::from_secs(1);
+/// Time between Redis answering again and its use: every replica reconnects (at most
+/// `MAX_RECONNECT` apart) and replays its local sends first.
+const SETTLE: Duration = Duration::from_secs(3);
+/// How often a request blocked by a shared concurrency cap asks again.
+const CONCURRENCY_RETRY: Duration = Duration::from_millis(25);
+
+/// A connection to whichever topology is configured; commands, pipelines and scripts are
+/// routed by their keys (all carry the `{prefix}` tag, so one slot in a cluster).
+#[derive(Clone)]
+enum Conn {
+    /// One server, or the primary the Sentinels named.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// Redis' clock as `(seconds, microseconds)`, read on the server holding `key`: in a
+    /// cluster, the primary of its slot, whose clock the admission script uses too.
+    async fn time(&mut self, key: &str) -> Result<(u64, u64), redis::RedisError> {
+        let time = redis::cmd("TIME");
+        match self {
+            Conn::Single(c) => time.query_async(c).await,
+            Conn::Cluster(c) => {
+                let route = Route::new(key_slot(key.as_bytes()), SlotAddr::Master);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                redis::from_owned_redis_value(c.route_command(&time, route).await?)
+            }
+        }
+    }
+}
+
+/// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag, or of the whole key without
+/// one, modulo 16384.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&c| c == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|&c| c == b'}')
+                .map(|close| &rest[..close])
+        })
+        .filter(|tag| !tag.is_empty());
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// Where Redis is, from `[state]`.
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+    Sentinel {
+        sentinels: Vec<ConnectionInfo>,
+        master: String,
+        /// Credentials and database of the primary: those of the first Sentinel URL.
+        node: SentinelNodeConnectionInfo,
+    },
+}
+
+impl Target {
+    fn new(cfg: &StateConfig) -> Result<Target, redis::RedisError> {
+        let nodes = || -> Result<Vec<ConnectionInfo>, redis::RedisError> {
+            cfg.nodes
+                .iter()
+                .map(|n| n.expose().into_connection_info())
+                .collect()
+        };
+        let timeout = cfg.timeout.0 * 10;
+        let certs = match &cfg.ca_file {
+            Some(path) => Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(path).map_err(|e| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "state.ca_file",
+                        format!("{}: {e}", path.display()),
+                    ))
+                })?),
+            }),
+            None => None,
+        };
+        Ok(match cfg.mode {
+            RedisMode::Single => {
+                let url = cfg
+                    .url
+                    .as_ref()
+                    .map(|u| u.expose().to_string())
+                    .unwrap_or_default();
+                match certs {
+                    Some(certs) => Target::Single(redis::Client::build_with_tls(url, certs)?),
+                    None => Target::Single(redis::Client::open(url)?),
+                }
+            }
+            RedisMode::Cluster => {
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes()?)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(3);
+                if let Some(certs) = certs {
+                    builder = builder.certs(certs);
+                }
+                Target::Cluster(builder.build()?)
+            }
+            RedisMode::Sentinel => {
+                let sentinels = nodes()?;
+                let first = sentinels.first().ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "no sentinel nodes",
+                    ))
+                })?;
+                let tls_mode = match &first.addr {
+                    redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                        Some(redis::TlsMode::Insecure)
+                    }
+                    redis::ConnectionAddr::TcpTls { .. } => Some(redis::TlsMode::Secure),
+                    _ => None,
+                };
+                let node = SentinelNodeConnectionInfo {
+                    tls_mode,
+                    redis_connection_info: Some(first.redis.clone()),
+                };
+                Target::Sentinel {
+                    master: cfg.master.clone().unwrap_or_default(),
+                    sentinels,
+                    node,
+                }
+            }
+        })
+    }
+
+    /// A new connection; for Sentinel, to the primary the Sentinels name now.
+    async fn connect(&self, timeout: Duration) -> Result<Conn, redis::RedisError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(1);
+        match self {
+            Target::Single(client) => ConnectionManager::new_with_config(client.clone(), config)
+                .await
+                .map(Conn::Single),
+            Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            Target::Sentinel {
+                sentinels,
+                master,
+                node,
+            } => {
+                // A fresh client each time: no cached connection to a Sentinel that died.
+                let mut sentinel = SentinelClient::build(
+                    sentinels.clone(),
+                    master.clone(),
+                    Some(node.clone()),
+                    SentinelServerType::Master,
+                )?;
+                let client = sentinel.async_get_client().await?;
+                let addr = client.get_connection_info().addr.to_string();
+                let conn = ConnectionManager::new_with_config(client, config).await?;
+                tracing::info!(master = %master, addr = %addr, "redis primary from sentinel");
+                Ok(Conn::Single(conn))
+            }
+        }
+    }
+}
+
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    backoff: Duration,
+}
+
+/// The shared store.
+pub struct RedisBackend {
+    set: Arc<LimitSet>,
+    clock: Clock,
+    cfg: StateConfig,
+    target: Target,
+    conn: RwLock<Option<Conn>>,
+    script: redis::Script,
+    record_script: redis::Script,
+    replica: String,
+    seq: AtomicU64,
+    /// Replicas seen by heartbeat (or configured).
+    replicas: AtomicU64,
+    up: AtomicBool,
+    breaker: Mutex<Breaker>,
+    /// Local shares and the mirror of this replica's own sends.
+    fallback: Mutex<(u64, Arc<LimitSet>, Ledger)>,
+    /// Concurrency leases this replica holds: member → keys, renewed by the heartbeat.
+    leases: Mutex<HashMap<u64, Vec<String>>>,
+    /// Last shared use seen per rate key: (count, when).
+    observed: Mutex<HashMap<LayerKey, (u64, Nanos)>>,
+    /// True while decisions are made with local shares.
+    in_fallback: AtomicBool,
+    /// After an outage, Redis is used again only from this instant: every replica first
+    /// replays its local sends, so none admits against windows that miss another's.
+    shared_from: Mutex<Option<Instant>>,
+}
+
+impl RedisBackend {
+    /// Creates the backend and starts its heartbeat; Redis may be down at this point.
+    pub fn start(
+        set: Arc<LimitSet>,
+        clock: Clock,
+        cfg: StateConfig,
+    ) -> Result<Arc<RedisBackend>, redis::RedisError> {
+        let target = Target::new(&cfg)?;
+        let replicas = cfg.replicas.max(1);
+        let backend = Arc::new(RedisBackend {
+            fallback: Mutex::new((replicas, Arc::new(set.scaled(replicas)), Ledger::new())),
+            set,
+            clock,
+            target,
+            conn: RwLock::new(None),
+            script: redis::Script::new(ADMIT),
+            record_script: redis::Script::new(RECORD),
+            replica: format!("{:016x}", rand::random::<u64>()),
+            seq: AtomicU64::new(1),
+            replicas: AtomicU64::new(replicas),
+            up: AtomicBool::new(false),
+            breaker: Mutex::new(Breaker {
+                failures: 0,
+                open_until: None,
+                backoff: Duration::from_millis(250),
+            }),
+            leases: Mutex::new(HashMap::new()),
+            observed: Mutex::new(HashMap::new()),
+            in_fallback: AtomicBool::new(false),
+            shared_from: Mutex::new(None),
+            cfg,
+        });
+        tokio::spawn(heartbeat(Arc::downgrade(&backend)));
+        Ok(backend)
+    }
+
+    fn key(&self, layer: &LayerKey, concurrency: bool) -> String {
+        let spec = &self.set.specs[layer.limit];
+        let part = match &layer.part {
+            KeyPart::Global => "g".to_string(),
+            KeyPart::Client(c) => format!("c:{c}"),
+            KeyPart::Endpoint(e) => format!("e:{e}"),
+            KeyPart::ClientEndpoint(c, e) => format!("ce:{c}|{e}"),
+        };
+        let kind = if concurrency { "c" } else { "r" };
+        format!(
+            "{{{}}}:{kind}:{}:{}:{part}",
+            self.cfg.key_prefix, layer.limit, spec.name
+        )
+    }
+
+    /// Sorted set of live replicas, scored by their last heartbeat (ms).
+    fn replicas_key(&self) -> String {
+        format!("{{{}}}:replicas", self.cfg.key_prefix)
+    }
+
+    fn pause_key(&self, key: &str) -> String {
+        format!("{{{}}}:pause:{key}", self.cfg.key_prefix)
+    }
+
+    fn lock_fallback(&self) -> MutexGuard<'_, (u64, Arc<LimitSet>, Ledger)> {
+        self.fallback.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the local shares' limits and ledger, with the time read under the lock
+    /// so that records stay in order.
+    fn local<R>(&self, f: impl FnOnce(&LimitSet, &mut Ledger, Nanos) -> R) -> R {
+        let mut fb = self.lock_fallback();
+        let (_, set, ledger) = &mut *fb;
+        let set = set.clone();
+        f(&set, ledger, self.clock.now())
+    }
+
+    /// The connection to use for this request, or `None` to decide with local shares.
+    /// After any failure only the heartbeat ends local mode: it replays this replica's
+    /// sends into Redis, then waits the settle time.
+    fn connection(&self) -> Option<Conn> {
+        let now = Instant::now();
+        if let Ok(b) = self.breaker.lock() {
+            if b.open_until.is_some_and(|t| t > now) {
+                return None;
+            }
+        }
+        if !self.leave_fallback_if_settled() {
+            return None;
+        }
+        self.conn.read().ok().and_then(|c| c.clone())
+    }
+
+    /// False while deciding locally; ends local mode once the settle time after the replay
+    /// has passed.
+    fn leave_fallback_if_settled(&self) -> bool {
+        if !self.in_fallback.load(Ordering::SeqCst) {
+            return true;
+        }
+        let Ok(mut from) = self.shared_from.lock() else {
+            return false;
+        };
+        match *from {
+            Some(t) if t <= Instant::now() => {
+                *from = None;
+                self.in_fallback.store(false, Ordering::SeqCst);
+                tracing::info!("redis reachable: quotas shared again");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn failed(&self, why: &str) {
+        // A failure while settling after an outage starts the recovery over.
+        if let Ok(mut from) = self.shared_from.lock() {
+            *from = None;
+        }
+        let Ok(mut b) = self.breaker.lock() else {
+            return;
+        };
+        b.failures += 1;
+        if b.failures >= BREAKER_FAILURES && b.open_until.is_none() {
+            tracing::warn!(reason = why, "redis unreachable: using local shares");
+            b.open_until = Some(Instant::now() + b.backoff);
+            b.backoff = (b.backoff * 2).min(Duration::from_secs(30));
+            self.up.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn succeeded(&self) {
+        if let Ok(mut b) = self.breaker.lock() {
+            b.failures = 0;
+        }
+    }
+
+    /// Decides with the local shares; the request also lands in the mirror.
+    fn take_locally(&self, demand: &Demand, ahead: &[u64]) -> Result<Grant, Blocked> {
+        self.local(|set, ledger, now| {
+            let index = |l: &LayerKey| demand.layers.iter().position(|x| x == l);
+            let ahead_of = |l: &LayerKey| index(l).and_then(|i| ahead.get(i).copied()).unwrap_or(0);
+            let taken = ledger.try_take(set, now, demand, &ahead_of)?;
+            let headroom = ledger.tightest(set, now, demand);
+            Ok(Grant { taken, headroom })
+        })
+    }
+
+    /// The keys one admission touches, in script order: (layer, is it the cap's key).
+    fn script_keys(&self, demand: &Demand) -> Vec<(LayerKey, bool)> {
+        let mut keys = Vec::with_capacity(demand.layers.len());
+        for layer in &demand.layers {
+            let spec = &self.set.specs[layer.limit];
+            if spec.ceilings.is_some() {
+                keys.push((layer.clone(), false));
+            }
+            if spec.concurrency.is_some() {
+                keys.push((layer.clone(), true));
+            }
+        }
+        keys
+    }
+
+    async fn take_shared(
+        &self,
+        conn: &mut Conn,
+        demand: &Demand,
+        ahead: &[u64],
+        keys: &[(LayerKey, bool)],
+        id: u64,
+    ) -> Result<Vec<i64>, redis::RedisError> {
+        let class = demand.priority.index();
+        let lease = self.cfg.lease_ttl.0.as_micros() as u64;
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(keys.len()).arg(format!("{}:{id}", self.replica));
+        for (layer, cap) in keys {
+            let spec = &self.set.specs[layer.limit];
+            let a = demand
+                .layers
+                .iter()
+                .position(|l| l == layer)
+                .and_then(|i| ahead.get(i))
+                .copied()
+                .unwrap_or(0);
+            let (kind, ceil, span, quota) = match (cap, spec.ceilings, spec.concurrency) {
+                (false, Some(c), _) => {
+                    let ceil = scaled(c[class], demand.rate_scale);
+                    (1, ceil, spec.window / 1000, ceil)
+                }
+                (true, _, Some(c)) => (2, c[class], lease, c[0]),
+                _ => (2, u64::MAX, lease, 0),
+            };
+            inv.key(self.key(layer, *cap));
+            inv.arg(kind).arg(ceil).arg(span).arg(a).arg(quota);
+        }
+        inv.key(self.pause_key(&demand_pause_key(demand)));
+        inv.invoke_async(conn).await
+    }
+
+    /// Remembers the shared use each key had, for a conservative switch to local shares.
+    fn observe(&self, keys: &[(LayerKey, bool)], counts: &[i64]) {
+        let now = self.clock.now();
+        if let Ok(mut seen) = self.observed.lock() {
+            for ((layer, cap), &count) in keys.iter().zip(counts) {
+                if !cap {
+                    seen.insert(layer.clone(), (count.max(0) as u64, now));
+                }
+            }
+        }
+    }
+
+    /// Leaving shared mode: other replicas' recent sends are unknown here. Every key this
+    /// replica used or saw in the last window is padded to its full local share with
+    /// stand-in sends made now, so until they expire it may only send as its own earlier
+    /// sends expire. Each replica then sends no more in any window than it did before the
+    /// switch, and together they stay within the quota (their earlier sends were).
+    fn enter_fallback(&self) {
+        if self.in_fallback.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let seen: Vec<(LayerKey, Nanos)> = self
+            .observed
+            .lock()
+            .map(|mut s| s.drain().map(|(k, (_, at))| (k, at)).collect())
+            .unwrap_or_default();
+        self.local(|set, ledger, now| {
+            for (layer, at) in seen {
+                let spec = &set.specs[layer.limit];
+                if let (Some(share), true) = (spec.requests, now.saturating_sub(at) < spec.window) {
+                    ledger.pad(set, now, &layer, share);
+                }
+            }
+        });
+        tracing::warn!("redis unreachable: deciding with local shares");
+    }
+
+    fn concurrency_keys(&self, layers: &[LayerKey]) -> Vec<String> {
+        layers
+            .iter()
+            .filter(|l| self.set.specs[l.limit].concurrency.is_some())
+            .map(|l| self.key(l, true))
+            .collect()
+    }
+
+    fn rate_keys(&self, layers: &[LayerKey]) -> Vec<String> {
+        layers
+            .iter()
+            .filter(|l| self.set.specs[l.limit].ceilings.is_some())
+            .map(|l| self.key(l, false))
+            .collect()
+    }
+
+    /// Local sends are also written to Redis, best effort: when only this replica lost
+    /// Redis for a moment (a timeout under load), or while it settles after an outage, the
+    /// replicas still sharing see them.
+    fn write_through(&self, taken: &Taken) {
+        if let Some(conn) = self.conn.read().ok().and_then(|c| c.clone()) {
+            self.record_in_redis(conn, &taken.layers);
+        }
+    }
+
+    /// Records one send in every rate key of `layers` at Redis' time, in the background.
+    fn record_in_redis(&self, mut conn: Conn, layers: &[LayerKey]) {
+        let keys: Vec<(String, u64)> = layers
+            .iter()
+            .filter(|l| self.set.specs[l.limit].ceilings.is_some())
+            .map(|l| {
+                (
+                    self.key(l, false),
+                    self.set.specs[l.limit].window / 1_000_000 + 1000,
+                )
+            })
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        let member = format!(
+            "{}:sent:{}",
+            self.replica,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let script = self.record_script.clone();
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let mut inv = script.prepare_invoke();
+            inv.arg(member);
+            for (key, expiry) in keys {
+                inv.key(key).arg(expiry);
+            }
+            let _ = tokio::time::timeout(timeout * 5, inv.invoke_async::<()>(&mut conn)).await;
+        });
+    }
+
+    /// Removes a member from keys in Redis, in the background.
+    fn forget(&self, keys: Vec<String>, member: String) {
+        if keys.is_empty() {
+            return;
+        }
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            for k in &keys {
+                pipe.zrem(k, &member).ignore();
+            }
+            let _ = tokio::time::timeout(timeout * 5, pipe.query_async::<()>(&mut conn)).await;
+        });
+    }
+
+    /// Writes this replica's recent sends (the mirror) into Redis after an outage.
+    async fn replay(&self, conn: &mut Conn) -> Result<(), redis::RedisError> {
+        let now = self.clock.now();
+        let exported = self.local(|set, ledger, _| ledger.export(set, now));
+        if exported.is_empty() {
+            return Ok(());
+        }
+        let (secs, micros) = conn.time(&self.replicas_key()).await?;
+        let redis_now = secs * 1_000_000 + micros;
+        let mut pipe = redis::pipe();
+        let mut n = 0u64;
+        for (layer, entries) in exported {
+            let key = self.key(&layer, false);
+            let span_ms = self.set.specs[layer.limit].window / 1_000_000;
+            for (at, count) in entries {
+                let score = redis_now.saturating_sub((now - at) / 1000);
+                for _ in 0..count {
+                    n += 1;
+                    pipe.zadd(&key, format!("{}:replay:{n}", self.replica), score)
+                        .ignore();
+                }
+            }
+            pipe.pexpire(&key, (span_ms + 1000) as i64).ignore();
+        }
+        pipe.query_async::<()>(conn).await
+    }
+}
+
+fn demand_pause_key(demand: &Demand) -> String {
+    let caller = demand.layers.iter().find_map(|l| match &l.part {
+        KeyPart::Client(c) | KeyPart::ClientEndpoint(c, _) => Some(c.clone()),
+        _ => None,
+    });
+    format!("{}:{}", demand.upstream, caller.as_deref().unwrap_or("*"))
+}
+
+impl Backend for RedisBackend {
+    fn take(
+        self: Arc<Self>,
+        demand: Arc<Demand>,
+        ahead: Vec<u64>,
+    ) -> BoxFuture<'static, Result<Grant, Blocked>> {
+        Box::pin(async move {
+            let Some(mut conn) = self.connection() else {
+                self.enter_fallback();
+                let granted = self.take_locally(&demand, &ahead);
+                if let Ok(g) = &granted {
+                    self.write_through(&g.taken);
+                }
+                return granted;
+            };
+            let keys = self.script_keys(&demand);
+            let id = self.seq.fetch_add(1, Ordering::Relaxed);
+            let answer = tokio::time::timeout(
+                self.cfg.timeout.0,
+                self.take_shared(&mut conn, &demand, &ahead, &keys, id),
+            )
+            .await;
+            let failure = match &answer {
+                Ok(Ok(v)) if v.len() >= 5 + keys.len() => None,
+                Ok(Ok(_)) => Some("unexpected script answer".to_string()),
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("timeout".to_string()),
+            };
+            let v = match (failure, answer) {
+                (None, Ok(Ok(v))) => v,
+                (why, _) => {
+                    self.failed(why.as_deref().unwrap_or("unknown"));
+                    self.enter_fallback();
+                    return self.take_locally(&demand, &ahead);
+                }
+            };
+            self.succeeded();
+            self.observe(&keys, &v[5..]);
+            let layer_at = |i: i64| {
+                let i = usize::try_from(i - 1).unwrap_or(0);
+                keys.get(i)
+                    .or(keys.first())
+                    .map(|(l, _)| l.clone())
+                    .unwrap_or(LayerKey {
+                        limit: 0,
+                        part: KeyPart::Global,
+                    })
+            };
+            if v[0] == 1 {
+                let mut taken =
+                    self.local(|set, ledger, now| ledger.record(set, now, &demand.layers));
+                taken.id = id;
+                let conc = self.concurrency_keys(&demand.layers);
+                if !conc.is_empty() {
+                    if let Ok(mut leases) = self.leases.lock() {
+                        leases.insert(id, conc);
+                    }
+                }
+                let headroom = (v[2] > 0 && v[3] >= 0).then(|| {
+                    let layer = layer_at(v[2]);
+                    Headroom {
+                        limit: layer.limit,
+                        quota: self.set.specs[layer.limit]
+                            .ceilings
+                            .map_or(0, |c| scaled(c[demand.priority.index()], demand.rate_scale)),
+                        remaining: v[3] as u64,
+                        reset: Duration::from_micros(v[4].max(0) as u64),
+                    }
+                });
+                Ok(Grant { taken, headroom })
+            } else {
+                let wait = (v[1] >= 0).then(|| (v[1] as Nanos).saturating_mul(1000));
+                Err(Blocked {
+                    layer: layer_at(v[2]),
+                    wait,
+                    paused: v[3] == 1,
+                })
+            }
+        })
+    }
+
+    fn refund(&self, taken: &Taken) {
+        self.local(|set, ledger, _| ledger.refund(set, taken));
+        if taken.id > 0 {
+            if let Ok(mut leases) = self.leases.lock() {
+                leases.remove(&taken.id);
+            }
+            let mut keys = self.rate_keys(&taken.layers);
+            keys.extend(self.concurrency_keys(&taken.layers));
+            self.forget(keys, format!("{}:{}", self.replica, taken.id));
+        }
+    }
+
+    fn release(&self, taken: &Taken) {
+        self.local(|set, ledger, _| ledger.release(set, taken));
+        if taken.id > 0 {
+            let held = self
+                .leases
+                .lock()
+                .ok()
+                .and_then(|mut l| l.remove(&taken.id));
+            if let Some(keys) = held {
+                self.forget(keys, format!("{}:{}", self.replica, taken.id));
+            }
+        }
+    }
+
+    fn record_sent(&self, demand: &Demand) {
+        self.local(|set, ledger, now| ledger.record_sent(set, now, &demand.layers));
+        if let Some(conn) = self.conn.read().ok().and_then(|c| c.clone()) {
+            self.record_in_redis(conn, &demand.layers);
+        }
+    }
+
+    fn pause(&self, key: &str, pause: Duration) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let key = self.pause_key(key);
+        let ms = pause.as_millis().max(1) as u64;
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let cmd = redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("PX")
+                .arg(ms)
+                .to_owned();
+            let _ = tokio::time::timeout(timeout * 5, cmd.query_async::<()>(&mut conn)).await;
+        });
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+
+    fn concurrency_retry(&self) -> Option<Duration> {
+        Some(CONCURRENCY_RETRY)
+    }
+
+    fn usage(&self) -> Vec<(LayerKey, u64, u64)> {
+        self.local(|set, ledger, now| ledger.usage(set, now))
+    }
+
+    fn key_count(&self) -> usize {
+        self.lock_fallback().2.len()
+    }
+
+    fn has_key(&self, key: &LayerKey) -> bool {
+        self.lock_fallback().2.has(key)
+    }
+
+    fn sweep(&self) {
+        self.local(|set, ledger, now| {
+            ledger.sweep(set, now);
+        });
+    }
+
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            kind: "redis",
+            up: self.up.load(Ordering::SeqCst) && self.leave_fallback_if_settled(),
+            replicas: self.replicas.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// Connects (and reconnects with backoff), announces this replica, learns how many there
+/// are, renews leases, and closes the breaker once Redis answers again.
+async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut failed_beats = 0u32;
+    loop {
+        let Some(b) = backend.upgrade() else { return };
+        let timeout = b.cfg.timeout.0 * 10;
+        let conn = b.conn.read().ok().and_then(|c| c.clone());
+        let mut conn = match conn {
+            Some(c) => c,
+            None => match tokio::time::timeout(timeout * 2, b.target.connect(timeout)).await {
+                Ok(Ok(c)) => {
+                    if let Ok(mut slot) = b.conn.write() {
+                        *slot = Some(c.clone());
+                    }
+                    backoff = Duration::from_millis(100);
+                    c
+                }
+                _ => {
+                    b.up.store(false, Ordering::SeqCst);
+                    drop(b);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_RECONNECT);
+                    continue;
+                }
+            },
+        };
+        let beat = tokio::time::timeout(timeout, beat_once(&b, &mut conn)).await;
+        match beat {
+            Ok(Ok(replicas)) => {
+                failed_beats = 0;
+                let replayed_already = b.shared_from.lock().map(|s| s.is_some()).unwrap_or(true);
+                if b.in_fallback.load(Ordering::SeqCst) && !replayed_already {
+                    // Recovery: tell the shared windows what this replica sent meanwhile.
+                    let replayed = tokio::time::timeout(timeout, b.replay(&mut conn)).await;
+                    if !matches!(replayed, Ok(Ok(()))) {
+                        drop(b);
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                    if let Ok(mut from) = b.shared_from.lock() {
+                        *from = Some(Instant::now() + SETTLE);
+                    }
+                    tracing::info!(settle = ?SETTLE, "redis reachable: replayed local sends, sharing again after the settle time");
+                }
+                if let Ok(mut br) = b.breaker.lock() {
+                    br.failures = 0;
+                    br.open_until = None;
+                    br.backoff = Duration::from_millis(250);
+                }
+                b.up.store(true, Ordering::SeqCst);
+                let replicas = if b.cfg.replicas > 0 {
+                    b.cfg.replicas
+                } else {
+                    replicas.max(1)
+                };
+                if b.replicas.swap(replicas, Ordering::SeqCst) != replicas {
+                    let scaled = Arc::new(b.set.scaled(replicas));
+                    let mut fb = b.lock_fallback();
+                    fb.0 = replicas;
+                    fb.1 = scaled;
+                }
+            }
+            _ => {
+                b.failed("heartbeat");
+                b.up.store(false, Ordering::SeqCst);
+                failed_beats += 1;
+                // A connection whose peer vanished without a reset (a partition) only ever
+                // times out, and the client does not replace it: start a fresh one.
+                if failed_beats >= DEAD_AFTER_BEATS {
+                    if let Ok(mut slot) = b.conn.write() {
+                        *slot = None;
+                    }
+                    failed_beats = 0;
+                }
+            }
+        }
+        let pause = if b.up.load(Ordering::SeqCst) {
+            HEARTBEAT
+        } else {
+            backoff.max(Duration::from_millis(200))
+        };
+        drop(b);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One heartbeat: register, count live replicas, renew held leases.
+async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<u64, redis::RedisError> {
+    let replicas_key = b.replicas_key();
+    let (secs, micros) = conn.time(&replicas_key).await?;
+    let now_ms = secs * 1000 + micros / 1000;
+    let now_us = secs * 1_000_000 + micros;
+    let lease_us = b.cfg.lease_ttl.0.as_micros() as u64;
+    let mut pipe = redis::pipe();
+    pipe.zadd(&replicas_key, &b.replica, now_ms).ignore();
+    pipe.zrembyscore(
+        &replicas_key,
+        "-inf",
+        now_ms.saturating_sub(REPLICA_STALE_MS),
+    )
+    .ignore();
+    pipe.pexpire(&replicas_key, (REPLICA_STALE_MS * 3) as i64)
+        .ignore();
+    pipe.zcard(&replicas_key);
+    let leases: Vec<(u64, Vec<String>)> = b
+        .leases
+        .lock()
+        .map(|l| l.iter().map(|(id, keys)| (*id, keys.clone())).collect())
+        .unwrap_or_default();
+    for (id, keys) in leases {
+        for k in keys {
+            pipe.zadd(&k, format!("{}:{id}", b.replica), now_us + lease_us)
+                .ignore();
+            pipe.pexpire(&k, (lease_us / 1000 + 1000) as i64).ignore();
+        }
+    }
+    let (count,): (u64,) = pipe.query_async(conn).await?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_slot;
+
+    #[test]
+    fn slots_follow_redis_cluster() {
+        // Values from Redis' CLUSTER KEYSLOT.
+        assert_eq!(key_slot(b"somekey"), 11058);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{pacer}:replicas"), key_slot(b"pacer"));
+        assert_eq!(
+            key_slot(b"{pacer}:r:0:x:g"),
+            key_slot(b"{pacer}:pause:api:*")
+        );
+        // Only the first tag counts, and an empty one hashes the whole key.
+        assert_eq!(key_slot(b"a{b}{c}"), key_slot(b"b"));
+        assert_ne!(key_slot(b"{}a"), key_slot(b"{}b"));
+    }
+}

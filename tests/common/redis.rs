@@ -1,0 +1,218 @@
+//! A `redis-server` of the test's own on a free loopback port (so a test can also kill
+//! it), and the load and status helpers the tests of pacer over Redis share.
+
+use super::{empty, TestClient};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use pacer::app::Running;
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A `redis-server` on a free loopback port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it accepts connections.
+    pub fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = RedisServer { port, child: None };
+        r.restart();
+        r
+    }
+
+    /// Starts it (again) on the same port.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        self.child = Some(child);
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `redis-cli -p PORT args...`, its standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        cli(self.port, args)
+    }
+
+    /// Script calls so far (`evalsha` + `eval`).
+    pub fn script_calls(&self) -> u64 {
+        script_calls(self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `redis-cli -p PORT args...`, its standard output.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Script calls (`evalsha` + `eval`) a server has run so far.
+pub fn script_calls(port: u16) -> u64 {
+    let text = cli(port, &["info", "commandstats"]);
+    let calls = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{name}:")))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    calls("evalsha") + calls("eval")
+}
+
+/// pacer's `/status`.
+pub async fn status(r: &Running) -> serde_json::Value {
+    TestClient::http1(r.admin_addr.unwrap())
+        .get("/status", &[])
+        .await
+        .json()
+}
+
+/// True while pacer shares its quotas through Redis.
+pub async fn is_up(r: &Running) -> bool {
+    status(r).await["state"]["up"] == true
+}
+
+/// Waits until pacer shares its quotas through Redis; how long that took.
+pub async fn wait_up(r: &Running, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while !is_up(r).await {
+        assert!(
+            started.elapsed() < limit,
+            "backend not up within {limit:?}: {}",
+            status(r).await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    started.elapsed()
+}
+
+/// What callers saw, by status ("shed" for pacer's own refusals, "error" for transport
+/// failures).
+#[derive(Default)]
+pub struct Tally(pub Mutex<BTreeMap<String, u64>>);
+
+impl Tally {
+    pub fn add(&self, what: String) {
+        *self.0.lock().unwrap().entry(what).or_default() += 1;
+    }
+    pub fn get(&self, what: &str) -> u64 {
+        self.0.lock().unwrap().get(what).copied().unwrap_or(0)
+    }
+    pub fn server_errors(&self) -> u64 {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with('5') || *k == "error")
+            .map(|(_, v)| v)
+            .sum()
+    }
+}
+
+/// `workers` callers per (replica, token), each sending `GET /api/v2/users` as fast as
+/// pacer admits until `stop`; after a 429 or a transport error a caller pauses 20 ms.
+pub fn greedy(
+    replicas: &[(SocketAddr, String)],
+    workers: usize,
+    tally: Arc<Tally>,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (addr, token) in replicas {
+        for _ in 0..workers {
+            let (client, token, tally, stop) = (
+                TestClient::http1(*addr),
+                token.clone(),
+                tally.clone(),
+                stop.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let req = client
+                        .request(Method::GET, "/api/v2/users")
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(empty())
+                        .unwrap();
+                    match client.send_streaming_result(req).await {
+                        Ok(resp) => {
+                            let status = resp.status();
+                            let shed = resp.headers().contains_key("x-pacer-reason");
+                            let _ = resp.into_body().collect().await;
+                            tally.add(if shed {
+                                "shed".into()
+                            } else {
+                                status.as_u16().to_string()
+                            });
+                            if status == StatusCode::TOO_MANY_REQUESTS {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                        Err(_) => {
+                            tally.add("error".into());
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    tasks
+}

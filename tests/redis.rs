@@ -1,0 +1,460 @@
+//! Shared quotas across replicas: three pacer instances share one Redis (started by the
+//! test on a free loopback port, so it can also kill it) in front of the simulator.
+
+mod common;
+
+use common::redis::{greedy, status, wait_up, RedisServer, Tally};
+use common::{empty, token_via, within, TestClient};
+use http::{Method, StatusCode};
+use pacer::app::Running;
+use pacer::sim::{SimConfig, Simulator};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A token for the shared client, obtained through the replica at `addr`.
+async fn token(addr: SocketAddr) -> String {
+    token_via(&TestClient::http1(addr), "shared", "s3cret").await
+}
+
+/// The tests here each run three pacers, a simulator and a Redis: one at a time, so
+/// that their timing is not at the mercy of each other on a small machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const QUOTA: u64 = 60;
+const WINDOW: &str = "2s";
+
+async fn sim() -> Simulator {
+    let cfg = SimConfig::from_toml_str(&format!(
+        r#"
+window = "{WINDOW}"
+client_requests = {QUOTA}
+org_requests = 100000
+token_requests = 1000
+[[client]]
+id = "shared"
+secret = "s3cret"
+"#
+    ))
+    .unwrap();
+    Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .unwrap()
+}
+
+fn replica_config(sim: SocketAddr, redis: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[upstream]]
+name = "api"
+url = "http://{sim}"
+timeout = "5s"
+[[route]]
+prefix = "/"
+upstream = "api"
+[identity]
+tokens_me = false
+[[limit]]
+name = "per-client"
+upstream = "api"
+scope = "client"
+requests = {QUOTA}
+per = "{WINDOW}"
+guard = "40ms"
+[queue]
+max_wait = "200ms"
+# No critical traffic here: let normal callers use the whole quota.
+critical_reserve = 0.0
+[state]
+backend = "redis"
+url = "{redis}"
+{extra}
+"#
+    )
+}
+
+async fn replicas(
+    sim: &Simulator,
+    redis: &str,
+    extra: &str,
+) -> (Vec<Running>, Vec<(SocketAddr, String)>) {
+    let mut running = Vec::new();
+    let mut targets = Vec::new();
+    for _ in 0..3 {
+        let r = common::start_pacer(&replica_config(sim.addr(), redis, extra)).await;
+        targets.push((r.proxy_addr, token(r.proxy_addr).await));
+        running.push(r);
+    }
+    (running, targets)
+}
+
+async fn wait_until_shared(replicas: &[Running]) {
+    for r in replicas {
+        wait_up(r, Duration::from_secs(15)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_quota() {
+    let _serial = SERIAL.lock().await;
+    within("shared quota", async {
+        let redis = RedisServer::start();
+        let sim = sim().await;
+        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"").await;
+        wait_until_shared(&running).await;
+        sim.reset();
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let tasks = greedy(&targets, 20, tally.clone(), stop.clone());
+        // Three windows and a bit: the bursts at 0, ~2.04 s and ~4.08 s all fall inside.
+        tokio::time::sleep(Duration::from_millis(5_000)).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let ran = started.elapsed();
+        let stats = sim.stats();
+        let windows = 3;
+        eprintln!(
+            "ran {ran:?}; callers {:?}; sim {:?}",
+            tally.0.lock().unwrap(),
+            stats.total
+        );
+        for r in &running {
+            eprintln!("status {}", status(r).await["state"]);
+        }
+        assert_eq!(stats.total.too_many, 0, "the upstream had to answer 429");
+        assert_eq!(tally.server_errors(), 0);
+        assert_eq!(
+            tally.get("200"),
+            stats.total.ok,
+            "callers' 2xx = what the upstream served"
+        );
+        let quota = QUOTA * windows;
+        assert!(
+            stats.total.ok * 100 >= quota * 95,
+            "used {} of a shared quota of {quota} (< 95%)",
+            stats.total.ok
+        );
+        assert!(
+            stats.total.ok <= QUOTA * 3,
+            "more than the shared quota was sent"
+        );
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_falls_back_to_local_shares_and_recovers() {
+    let _serial = SERIAL.lock().await;
+    within("outage", async {
+        let mut redis = RedisServer::start();
+        let sim = sim().await;
+        let (running, targets) =
+            replicas(&sim, &redis.url(), "replicas = 3\ntimeout = \"500ms\"").await;
+        wait_until_shared(&running).await;
+        sim.reset();
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = greedy(&targets, 10, tally.clone(), stop.clone());
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        redis.kill();
+        if std::env::var_os("PACER_TRACE_TIMES").is_some() {
+            eprintln!(
+                "kill at {:?}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+                    % 100_000
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(3_000)).await;
+        // Degraded, still serving.
+        for r in &running {
+            let s = status(r).await;
+            assert_eq!(s["state"]["up"], false, "{s}");
+            let ready = TestClient::http1(r.admin_addr.unwrap())
+                .get("/readyz", &[])
+                .await;
+            assert_eq!(ready.status, StatusCode::OK);
+            assert_eq!(ready.json()["status"], "degraded");
+        }
+        let served_in_outage = sim.stats().total.ok;
+        redis.restart();
+        if std::env::var_os("PACER_TRACE_TIMES").is_some() {
+            eprintln!(
+                "restart at {:?}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+                    % 100_000
+            );
+        }
+        wait_until_shared(&running).await;
+        if std::env::var_os("PACER_TRACE_TIMES").is_some() {
+            eprintln!(
+                "shared at {:?}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis()
+                    % 100_000
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let stats = sim.stats();
+        eprintln!(
+            "callers {:?}; sim {:?}",
+            tally.0.lock().unwrap(),
+            stats.total
+        );
+        assert_eq!(
+            tally.server_errors(),
+            0,
+            "pacer answered 5xx or dropped a connection while redis was down"
+        );
+        assert_eq!(stats.total.too_many, 0, "the upstream had to answer 429");
+        assert!(served_in_outage > 0);
+        assert!(
+            stats.total.ok > served_in_outage,
+            "nothing was served after redis came back"
+        );
+        let metrics = TestClient::http1(running[0].admin_addr.unwrap())
+            .get("/metrics", &[])
+            .await
+            .text();
+        assert!(
+            metrics.contains("pacer_state_backend_up{backend=\"redis\"} 1"),
+            "{metrics}"
+        );
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replicas_permits_come_back_within_the_lease() {
+    let _serial = SERIAL.lock().await;
+    within("leases", async {
+        let redis = RedisServer::start();
+        let upstream = common::TestUpstream::start().await;
+        let config = |listen: &str| {
+            format!(
+                r#"
+[server]
+listen = "{listen}"
+admin_listen = "127.0.0.1:0"
+[[upstream]]
+name = "api"
+url = "{}"
+timeout = "20s"
+[[route]]
+prefix = "/"
+upstream = "api"
+[identity]
+tokens_me = false
+[[limit]]
+name = "jobs"
+scope = "global"
+concurrency = 2
+[queue]
+max_wait = "100ms"
+critical_reserve = 0.0
+[state]
+backend = "redis"
+url = "{}"
+lease_ttl = "2s"
+"#,
+                upstream.url(),
+                redis.url()
+            )
+        };
+        // The replica that crashes is a real process, killed with SIGKILL.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = common::unique_temp_dir("lease");
+        let path = dir.join("pacer.toml");
+        std::fs::write(&path, config(&format!("127.0.0.1:{port}"))).unwrap();
+        let mut doomed = Command::new(env!("CARGO_BIN_EXE_pacer"))
+            .args(["run", "--config", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let started = Instant::now();
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "pacer did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Two slow requests take both permits.
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let client = TestClient::http1(addr);
+            slow.push(tokio::spawn(async move {
+                let req = client
+                    .request(Method::GET, "/slow")
+                    .header("x-reply-delay-ms", "15000")
+                    .body(empty())
+                    .unwrap();
+                let _ = client.send_streaming_result(req).await;
+            }));
+        }
+        upstream.wait_for(2).await;
+        let survivor =
+            pacer::app::start(pacer::config::Config::parse(&config("127.0.0.1:0")).unwrap())
+                .await
+                .unwrap();
+        wait_until_shared(std::slice::from_ref(&survivor)).await;
+        let client = TestClient::http1(survivor.proxy_addr);
+        let refused = client.get("/x", &[]).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "both permits should be held"
+        );
+        doomed.kill().unwrap();
+        let _ = doomed.wait();
+        let killed = Instant::now();
+        loop {
+            let reply = client.get("/x", &[]).await;
+            if reply.status == StatusCode::OK {
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(5),
+                "permits did not come back within the lease TTL"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let back = killed.elapsed();
+        eprintln!("permits back {back:?} after the replica was killed (lease_ttl 2s)");
+        assert!(back <= Duration::from_millis(2_600), "{back:?}");
+        for s in slow {
+            s.abort();
+        }
+        survivor.shutdown().await;
+        let _ = std::fs::remove_dir_all(dir);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_round_trip_per_admission() {
+    let _serial = SERIAL.lock().await;
+    within("round trips", async {
+        let redis = RedisServer::start();
+        let sim = sim().await;
+        // A generous timeout: this counts round trips, not what a slow Redis does.
+        let r = common::start_pacer(&replica_config(
+            sim.addr(),
+            &redis.url(),
+            "timeout = \"5s\"",
+        ))
+        .await;
+        let token = token(r.proxy_addr).await;
+        wait_until_shared(std::slice::from_ref(&r)).await;
+        let before = redis.script_calls();
+        let client = TestClient::http1(r.proxy_addr);
+        for _ in 0..20 {
+            let reply = client
+                .get(
+                    "/api/v2/users",
+                    &[("authorization", &format!("Bearer {token}"))],
+                )
+                .await;
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+        let scripts = redis.script_calls() - before;
+        assert_eq!(
+            scripts, 20,
+            "admission should be one script call each (saw {scripts} for 20)"
+        );
+        r.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca() {
+    let _serial = SERIAL.lock().await;
+    within("rediss", async {
+        let certs = common::TestCerts::new();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--tls-cert-file", certs.cert_pem.to_str().unwrap()])
+            .args(["--tls-key-file", certs.key_pem.to_str().unwrap()])
+            .args(["--tls-ca-cert-file", certs.ca_pem.to_str().unwrap()])
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server (TLS) did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let sim = sim().await;
+        let extra = format!("ca_file = \"{}\"", certs.ca_pem.display());
+        let config = replica_config(sim.addr(), &format!("rediss://localhost:{port}/"), &extra);
+        let r = common::start_pacer(&config).await;
+        wait_until_shared(std::slice::from_ref(&r)).await;
+        let token = token(r.proxy_addr).await;
+        let reply = TestClient::http1(r.proxy_addr)
+            .get(
+                "/api/v2/users",
+                &[("authorization", &format!("Bearer {token}"))],
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(status(&r).await["state"]["up"], true);
+        r.shutdown().await;
+        let _ = child.kill();
+        let _ = child.wait();
+    })
+    .await;
+}
