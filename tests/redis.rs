@@ -375,6 +375,9 @@ async fn one_round_trip_per_admission() {
         .await;
         let token = token(r.proxy_addr).await;
         wait_until_shared(std::slice::from_ref(&r)).await;
+        // Sends decided locally before sharing began are written through in the
+        // background; let them land before counting.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let before = redis.script_calls();
         let client = TestClient::http1(r.proxy_addr);
         for _ in 0..20 {

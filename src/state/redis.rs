@@ -559,6 +559,17 @@ impl RedisBackend {
         inv.invoke_async(conn).await
     }
 
+    /// Loads the scripts on a new connection, so that even the first admission is one
+    /// EVALSHA (the crate would otherwise answer NOSCRIPT with a SCRIPT LOAD and a second
+    /// EVALSHA). Best effort: a Redis restarted later loses them and the crate reloads.
+    async fn load_scripts(&self, conn: &mut Conn, timeout: Duration) {
+        for script in [&self.script, &self.record_script] {
+            if let Ok(Err(e)) = tokio::time::timeout(timeout, script.load_async(conn)).await {
+                tracing::debug!(error = %e, "redis script load");
+            }
+        }
+    }
+
     /// Remembers the shared use each key had, for a conservative switch to local shares.
     fn observe(&self, keys: &[(LayerKey, bool)], counts: &[i64]) {
         let now = self.clock.now();
@@ -886,7 +897,8 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
         let mut conn = match conn {
             Some(c) => c,
             None => match tokio::time::timeout(timeout * 2, b.target.connect(timeout)).await {
-                Ok(Ok(c)) => {
+                Ok(Ok(mut c)) => {
+                    b.load_scripts(&mut c, timeout).await;
                     if let Ok(mut slot) = b.conn.write() {
                         *slot = Some(c.clone());
                     }
