@@ -84,58 +84,6 @@ fn queued(status: &serde_json::Value) -> u64 {
         .sum()
 }
 
-/// Labels of one Prometheus sample, `k="v",...` without the braces.
-fn parse_labels(s: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.peek() == Some(&',') || chars.peek() == Some(&' ') {
-            chars.next();
-        }
-        let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
-        if key.is_empty() {
-            return out;
-        }
-        assert_eq!(chars.next(), Some('"'), "label {key} in {s}");
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(other) => value.push(other),
-                    None => break,
-                },
-                '"' => break,
-                c => value.push(c),
-            }
-        }
-        out.push((key, value));
-    }
-}
-
-/// Sum of every sample of `name` whose labels include all of `want`.
-fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (head, value) = l.trim().rsplit_once(' ')?;
-            let (n, labels) = match head.find('{') {
-                Some(i) => (&head[..i], parse_labels(&head[i + 1..head.len() - 1])),
-                None => (head, Vec::new()),
-            };
-            let matches = n == name
-                && want
-                    .iter()
-                    .all(|(k, v)| labels.iter().any(|(a, b)| a == k && b == v));
-            if matches {
-                value.parse::<f64>().ok()
-            } else {
-                None
-            }
-        })
-        .sum()
-}
-
 fn retry_after(reply: &Reply) -> u64 {
     reply
         .header("retry-after")

@@ -10,7 +10,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{full, start_pacer, within, TestClient};
+use common::{full, prom_samples, start_pacer, within, TestClient};
 use http::{Method, StatusCode};
 use pacer::sim::{SimConfig, Simulator};
 use std::path::{Path, PathBuf};
@@ -118,43 +118,10 @@ impl Drop for TempFile {
 
 /// The samples of a Prometheus text exposition: (metric name, labels).
 fn samples(text: &str) -> Vec<(String, Vec<(String, String)>)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let name = line[..name_end].to_string();
-        let mut labels = Vec::new();
-        if line[name_end..].starts_with('{') {
-            let mut chars = line[name_end + 1..].chars().peekable();
-            loop {
-                while chars.peek() == Some(&',') {
-                    chars.next();
-                }
-                if chars.peek() == Some(&'}') || chars.peek().is_none() {
-                    break;
-                }
-                let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
-                assert_eq!(chars.next(), Some('"'), "label {key} in {line}");
-                let mut value = String::new();
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\\' => match chars.next() {
-                            Some('n') => value.push('\n'),
-                            Some(other) => value.push(other),
-                            None => break,
-                        },
-                        '"' => break,
-                        c => value.push(c),
-                    }
-                }
-                labels.push((key, value));
-            }
-        }
-        out.push((name, labels));
-    }
-    out
+    prom_samples(text)
+        .into_iter()
+        .map(|s| (s.name, s.labels))
+        .collect()
 }
 
 /// A path segment that is an id (numeric, UUID-like or long hex) rather than a template.

@@ -3,11 +3,13 @@
 
 mod common;
 
-use common::redis::{greedy, status, wait_up, RedisServer, Tally};
+use common::redis::{
+    greedy, one_client_sim, shared_limit_config, status, wait_all_up, RedisServer, Tally,
+};
 use common::{empty, token_via, within, TestClient};
 use http::{Method, StatusCode};
 use pacer::app::Running;
-use pacer::sim::{SimConfig, Simulator};
+use pacer::sim::Simulator;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,52 +29,12 @@ const QUOTA: u64 = 60;
 const WINDOW: &str = "2s";
 
 async fn sim() -> Simulator {
-    let cfg = SimConfig::from_toml_str(&format!(
-        r#"
-window = "{WINDOW}"
-client_requests = {QUOTA}
-org_requests = 100000
-token_requests = 1000
-[[client]]
-id = "shared"
-secret = "s3cret"
-"#
-    ))
-    .unwrap();
-    Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
-        .await
-        .unwrap()
+    one_client_sim("shared", QUOTA, WINDOW).await
 }
 
 fn replica_config(sim: SocketAddr, redis: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[upstream]]
-name = "api"
-url = "http://{sim}"
-timeout = "5s"
-[[route]]
-prefix = "/"
-upstream = "api"
-[identity]
-tokens_me = false
-[[limit]]
-name = "per-client"
-upstream = "api"
-scope = "client"
-requests = {QUOTA}
-per = "{WINDOW}"
-guard = "40ms"
-[queue]
-max_wait = "200ms"
-# No critical traffic here: let normal callers use the whole quota.
-critical_reserve = 0.0
-[state]
-backend = "redis"
-url = "{redis}"
-{extra}
-"#
-    )
+    let state = format!("url = \"{redis}\"\n{extra}");
+    shared_limit_config(sim, QUOTA, WINDOW, "guard = \"40ms\"", "200ms", &state)
 }
 
 async fn replicas(
@@ -91,9 +53,7 @@ async fn replicas(
 }
 
 async fn wait_until_shared(replicas: &[Running]) {
-    for r in replicas {
-        wait_up(r, Duration::from_secs(15)).await;
-    }
+    wait_all_up(replicas, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,7 +158,14 @@ async fn redis_outage_falls_back_to_local_shares_and_recovers() {
                     % 100_000
             );
         }
+        let restarted = Instant::now();
         wait_until_shared(&running).await;
+        let back = restarted.elapsed();
+        // All three came back: no waiting for a missing peer (that would take 10 s).
+        assert!(
+            back < Duration::from_secs(8),
+            "shared again only after {back:?}"
+        );
         if std::env::var_os("PACER_TRACE_TIMES").is_some() {
             eprintln!(
                 "shared at {:?}",
@@ -356,6 +323,60 @@ lease_ttl = "2s"
         }
         survivor.shutdown().await;
         let _ = std::fs::remove_dir_all(dir);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
+    let _serial = SERIAL.lock().await;
+    within("missing peer", async {
+        let mut redis = RedisServer::start();
+        let sim = sim().await;
+        // Three replicas are configured, two run: the third, for all they know, is still
+        // deciding locally and has sends Redis has not seen.
+        let config = replica_config(
+            sim.addr(),
+            &redis.url(),
+            "replicas = 3\ntimeout = \"500ms\"",
+        );
+        let mut running = Vec::new();
+        let mut targets = Vec::new();
+        for _ in 0..2 {
+            let r = common::start_pacer(&config).await;
+            targets.push((r.proxy_addr, token(r.proxy_addr).await));
+            running.push(r);
+        }
+        wait_until_shared(&running).await;
+        sim.reset();
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = greedy(&targets, 5, tally.clone(), stop.clone());
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
+        redis.restart();
+        let restarted = Instant::now();
+        wait_until_shared(&running).await;
+        let waited = restarted.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        eprintln!("shared again {waited:?} after the restart (settle 3 s, at most 10 s)");
+        assert!(
+            waited >= Duration::from_secs(8),
+            "shared again after {waited:?}, without the missing peer"
+        );
+        assert_eq!(tally.server_errors(), 0);
+        assert_eq!(
+            sim.stats().total.too_many,
+            0,
+            "the upstream had to answer 429"
+        );
+        for r in running {
+            r.shutdown().await;
+        }
     })
     .await;
 }

@@ -13,11 +13,11 @@
 
 mod common;
 
-use common::redis::{status, wait_up, RedisServer};
+use common::redis::{one_client_sim, shared_limit_config, status, wait_up, RedisServer};
 use common::{empty, token_via, TestClient};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
-use pacer::sim::{SimConfig, Simulator};
+use pacer::sim::Simulator;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -264,53 +264,15 @@ async fn pump(
 // simulator, pacer
 
 async fn sim() -> Simulator {
-    let cfg = SimConfig::from_toml_str(&format!(
-        r#"
-window = "1s"
-client_requests = {}
-org_requests = 1000000
-token_requests = 1000
-[[client]]
-id = "faults"
-secret = "s3cret"
-"#,
-        QUOTA * 5
-    ))
-    .unwrap();
-    Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
-        .await
-        .unwrap()
+    one_client_sim("faults", QUOTA * 5, "1s").await
 }
 
 fn pacer_config(sim: SocketAddr, redis_url: &str) -> String {
-    format!(
-        r#"
-[[upstream]]
-name = "api"
-url = "http://{sim}"
-timeout = "5s"
-[[route]]
-prefix = "/"
-upstream = "api"
-[identity]
-tokens_me = false
-[[limit]]
-name = "per-client"
-upstream = "api"
-scope = "client"
-requests = {QUOTA}
-per = "1s"
-[queue]
-max_wait = "50ms"
-critical_reserve = 0.0
-[state]
-backend = "redis"
-url = "{redis_url}"
-key_prefix = "{PREFIX}"
-timeout = "{}ms"
-"#,
+    let state = format!(
+        "url = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\ntimeout = \"{}ms\"",
         REDIS_TIMEOUT.as_millis()
-    )
+    );
+    shared_limit_config(sim, QUOTA, "1s", "", "50ms", &state)
 }
 
 async fn token(addr: SocketAddr) -> String {

@@ -7,11 +7,13 @@
 
 mod common;
 
-use common::redis::{greedy, script_calls, status, wait_up, Tally};
+use common::redis::{
+    greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, Tally,
+};
 use common::{token_via, TestClient};
 use http::StatusCode;
 use pacer::app::Running;
-use pacer::sim::{SimConfig, Simulator};
+use pacer::sim::Simulator;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -256,51 +258,12 @@ fn sentinel(dir: &Path, master_port: u16) -> Proc {
 // pacer and load
 
 async fn sim() -> Simulator {
-    let cfg = SimConfig::from_toml_str(&format!(
-        r#"
-window = "{WINDOW}"
-client_requests = {QUOTA}
-org_requests = 100000
-token_requests = 1000
-[[client]]
-id = "shared"
-secret = "s3cret"
-"#
-    ))
-    .unwrap();
-    Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
-        .await
-        .unwrap()
+    one_client_sim("shared", QUOTA, WINDOW).await
 }
 
 fn replica_config(sim: SocketAddr, state: &str) -> String {
-    format!(
-        r#"
-[[upstream]]
-name = "api"
-url = "http://{sim}"
-timeout = "5s"
-[[route]]
-prefix = "/"
-upstream = "api"
-[identity]
-tokens_me = false
-[[limit]]
-name = "per-client"
-upstream = "api"
-scope = "client"
-requests = {QUOTA}
-per = "{WINDOW}"
-guard = "40ms"
-[queue]
-max_wait = "200ms"
-critical_reserve = 0.0
-[state]
-backend = "redis"
-timeout = "500ms"
-{state}
-"#
-    )
+    let state = format!("timeout = \"500ms\"\n{state}");
+    shared_limit_config(sim, QUOTA, WINDOW, "guard = \"40ms\"", "200ms", &state)
 }
 
 fn toml_list(items: &[String]) -> String {
@@ -310,12 +273,6 @@ fn toml_list(items: &[String]) -> String {
 
 async fn token(addr: SocketAddr) -> String {
     token_via(&TestClient::http1(addr), "shared", "s3cret").await
-}
-
-async fn wait_until_shared(replicas: &[Running], limit: Duration) {
-    for r in replicas {
-        wait_up(r, limit).await;
-    }
 }
 
 /// One request through `r`: its status.
@@ -368,7 +325,7 @@ async fn two_replicas_share_one_quota_through_a_redis_cluster() {
             targets.push((r.proxy_addr, token(r.proxy_addr).await));
             running.push(r);
         }
-        wait_until_shared(&running, Duration::from_secs(15)).await;
+        wait_all_up(&running, Duration::from_secs(15)).await;
         sim.reset();
         let before: Vec<u64> = cluster.nodes.iter().map(|n| script_calls(n.port)).collect();
         let tally = Arc::new(Tally::default());
@@ -455,7 +412,7 @@ async fn admissions_go_to_the_primary_a_sentinel_names() {
         );
         let r = common::start_pacer(&replica_config(sim.addr(), &state)).await;
         let token = token(r.proxy_addr).await;
-        wait_until_shared(std::slice::from_ref(&r), Duration::from_secs(15)).await;
+        wait_all_up(std::slice::from_ref(&r), Duration::from_secs(15)).await;
         // The first admission also loads the script (EVALSHA answers NOSCRIPT once).
         served(&r, &token, 1).await;
         let before = script_calls(master.port);
@@ -506,7 +463,7 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
         );
         let r = common::start_pacer(&replica_config(sim.addr(), &state)).await;
         let token = token(r.proxy_addr).await;
-        wait_until_shared(std::slice::from_ref(&r), Duration::from_secs(15)).await;
+        wait_all_up(std::slice::from_ref(&r), Duration::from_secs(15)).await;
         served(&r, &token, 1).await;
         let before = script_calls(master.port);
         served(&r, &token, 5).await;
@@ -550,7 +507,7 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // ...then shares again through the primary the sentinel names now.
-        wait_until_shared(std::slice::from_ref(&r), Duration::from_secs(30)).await;
+        wait_all_up(std::slice::from_ref(&r), Duration::from_secs(30)).await;
         let back = killed.elapsed();
         eprintln!("promoted after {promoted:?}; shared again after {back:?}");
         let before = script_calls(replica_port);

@@ -169,22 +169,6 @@ async fn metrics(pacer: &Running) -> String {
     reply.text()
 }
 
-/// Sum of every sample of `name` whose label text contains all of `want` (`k="v"`).
-fn metric_sum(text: &str, name: &str, want: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (head, value) = l.trim().rsplit_once(' ')?;
-            let (n, labels) = head.split_once('{').unwrap_or((head, ""));
-            if n == name && want.iter().all(|w| labels.contains(w)) {
-                value.parse::<f64>().ok()
-            } else {
-                None
-            }
-        })
-        .sum()
-}
-
 fn num(summary: &Value, key: &str) -> f64 {
     summary[key]
         .as_f64()
@@ -252,16 +236,19 @@ async fn sdk_logs_in_and_calls_through_pacer() {
 
         // pacer attributed the calls to the client learned from the proxied /oauth/token.
         let text = metrics(&pacer).await;
-        let client = format!("client=\"{CLIENT_ID}\"");
         let forwarded = metric_sum(
             &text,
             "pacer_requests_total",
-            &[&client, "upstream=\"api\"", "outcome=\"forwarded\""],
+            &[
+                ("client", CLIENT_ID),
+                ("upstream", "api"),
+                ("outcome", "forwarded"),
+            ],
         );
         assert_eq!(forwarded, f64::from(calls), "pacer_requests_total:\n{text}");
         assert_eq!(metric_sum(&text, "pacer_shed_total", &[]), 0.0, "{text}");
         assert_eq!(
-            metric_sum(&text, "pacer_requests_total", &["client=\"unknown\""]),
+            metric_sum(&text, "pacer_requests_total", &[("client", "unknown")]),
             0.0,
             "{text}"
         );
@@ -304,11 +291,7 @@ async fn sdk_retries_pacer_429s_honouring_retry_after() {
             .as_object()
             .expect("retry_statuses");
         assert_eq!(statuses.keys().collect::<Vec<_>>(), ["429"], "{summary:#}");
-        let shed_mine = metric_sum(
-            &text,
-            "pacer_shed_total",
-            &[&format!("client=\"{CLIENT_ID}\"")],
-        );
+        let shed_mine = metric_sum(&text, "pacer_shed_total", &[("client", CLIENT_ID)]);
         assert_eq!(shed_mine, shed, "sheds not under the SDK's client:\n{text}");
 
         // pacer's Retry-After was truthful (one window plus its guard, rounded up to whole

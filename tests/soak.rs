@@ -89,22 +89,13 @@ impl Tally {
 /// `pacer_requests_total` summed by `outcome`.
 fn requests_by_outcome(metrics: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("pacer_requests_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Some(outcome) = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("outcome=\""))
-            .map(|v| v.trim_end_matches('"'))
-        else {
-            continue;
-        };
-        let v: f64 = value.trim().parse().unwrap_or(0.0);
-        *out.entry(outcome.to_string()).or_default() += v as u64;
+    for sample in prom_samples(metrics) {
+        if let (true, Some(outcome)) = (
+            sample.name == "pacer_requests_total",
+            sample.label("outcome"),
+        ) {
+            *out.entry(outcome.to_string()).or_default() += sample.value as u64;
+        }
     }
     out
 }

@@ -127,9 +127,17 @@ const REPLICA_STALE_MS: u64 = 10_000;
 const DEAD_AFTER_BEATS: u32 = 2;
 /// Longest wait between reconnection attempts while Redis is down.
 const MAX_RECONNECT: Duration = Duration::from_secs(1);
-/// Time between Redis answering again and its use: every replica reconnects (at most
+/// Least time between Redis answering again and its use: every replica reconnects (at most
 /// `MAX_RECONNECT` apart) and replays its local sends first.
 const SETTLE: Duration = Duration::from_secs(3);
+/// After the settle time a replica also waits until as many replicas as it knew of are
+/// heartbeating again (each replays before its first heartbeat), so a peer that comes back
+/// late cannot have sends Redis misses; this long at most, for a peer that never returns.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+/// A heartbeat younger than this means the replica is talking to Redis now.
+const FRESH_MS: u64 = 3_000;
+/// Heartbeat period while settling, to notice returning peers quickly.
+const SETTLE_POLL: Duration = Duration::from_millis(250);
 /// How often a request blocked by a shared concurrency cap asks again.
 const CONCURRENCY_RETRY: Duration = Duration::from_millis(25);
 
@@ -360,9 +368,12 @@ pub struct RedisBackend {
     observed: Mutex<HashMap<LayerKey, (u64, Nanos)>>,
     /// True while decisions are made with local shares.
     in_fallback: AtomicBool,
-    /// After an outage, Redis is used again only from this instant: every replica first
-    /// replays its local sends, so none admits against windows that miss another's.
-    shared_from: Mutex<Option<Instant>>,
+    /// When this replica replayed its local sends into Redis after an outage; Redis is
+    /// used again `SETTLE` later, once every peer is back too, so none admits against
+    /// windows that miss another's sends.
+    replayed_at: Mutex<Option<Instant>>,
+    /// As many replicas as this one knows of heartbeat Redis now (set by the heartbeat).
+    peers_back: AtomicBool,
 }
 
 impl RedisBackend {
@@ -394,7 +405,8 @@ impl RedisBackend {
             leases: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
             in_fallback: AtomicBool::new(false),
-            shared_from: Mutex::new(None),
+            replayed_at: Mutex::new(None),
+            peers_back: AtomicBool::new(false),
             cfg,
         });
         tokio::spawn(heartbeat(Arc::downgrade(&backend)));
@@ -455,17 +467,21 @@ impl RedisBackend {
     }
 
     /// False while deciding locally; ends local mode once the settle time after the replay
-    /// has passed.
+    /// has passed and the peers are back (or `SETTLE_MAX` has passed).
     fn leave_fallback_if_settled(&self) -> bool {
         if !self.in_fallback.load(Ordering::SeqCst) {
             return true;
         }
-        let Ok(mut from) = self.shared_from.lock() else {
+        let Ok(mut replayed) = self.replayed_at.lock() else {
             return false;
         };
-        match *from {
-            Some(t) if t <= Instant::now() => {
-                *from = None;
+        let settled = |at: Instant| {
+            let waited = at.elapsed();
+            waited >= SETTLE && (self.peers_back.load(Ordering::SeqCst) || waited >= SETTLE_MAX)
+        };
+        match *replayed {
+            Some(at) if settled(at) => {
+                *replayed = None;
                 self.in_fallback.store(false, Ordering::SeqCst);
                 tracing::info!("redis reachable: quotas shared again");
                 true
@@ -476,8 +492,8 @@ impl RedisBackend {
 
     fn failed(&self, why: &str) {
         // A failure while settling after an outage starts the recovery over.
-        if let Ok(mut from) = self.shared_from.lock() {
-            *from = None;
+        if let Ok(mut replayed) = self.replayed_at.lock() {
+            *replayed = None;
         }
         let Ok(mut b) = self.breaker.lock() else {
             return;
@@ -591,6 +607,7 @@ impl RedisBackend {
         if self.in_fallback.swap(true, Ordering::SeqCst) {
             return;
         }
+        self.peers_back.store(false, Ordering::SeqCst);
         let seen: Vec<(LayerKey, Nanos)> = self
             .observed
             .lock()
@@ -914,23 +931,25 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                 }
             },
         };
-        let beat = tokio::time::timeout(timeout, beat_once(&b, &mut conn)).await;
+        let replayed_already = b.replayed_at.lock().map(|s| s.is_some()).unwrap_or(true);
+        let recovering = b.in_fallback.load(Ordering::SeqCst) && !replayed_already;
+        let beat = tokio::time::timeout(timeout, async {
+            if recovering {
+                // Tell the shared windows what this replica sent meanwhile, before the
+                // heartbeat that tells the peers it is back.
+                b.replay(&mut conn).await?;
+            }
+            beat_once(&b, &mut conn).await
+        })
+        .await;
         match beat {
-            Ok(Ok(replicas)) => {
+            Ok(Ok((replicas, fresh))) => {
                 failed_beats = 0;
-                let replayed_already = b.shared_from.lock().map(|s| s.is_some()).unwrap_or(true);
-                if b.in_fallback.load(Ordering::SeqCst) && !replayed_already {
-                    // Recovery: tell the shared windows what this replica sent meanwhile.
-                    let replayed = tokio::time::timeout(timeout, b.replay(&mut conn)).await;
-                    if !matches!(replayed, Ok(Ok(()))) {
-                        drop(b);
-                        tokio::time::sleep(backoff).await;
-                        continue;
+                if recovering {
+                    if let Ok(mut replayed) = b.replayed_at.lock() {
+                        *replayed = Some(Instant::now());
                     }
-                    if let Ok(mut from) = b.shared_from.lock() {
-                        *from = Some(Instant::now() + SETTLE);
-                    }
-                    tracing::info!(settle = ?SETTLE, "redis reachable: replayed local sends, sharing again after the settle time");
+                    tracing::info!(settle = ?SETTLE, "redis reachable: replayed local sends, sharing again once the peers are back");
                 }
                 if let Ok(mut br) = b.breaker.lock() {
                     br.failures = 0;
@@ -938,11 +957,17 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                     br.backoff = Duration::from_millis(250);
                 }
                 b.up.store(true, Ordering::SeqCst);
+                let known = b.replicas.load(Ordering::SeqCst);
                 let replicas = if b.cfg.replicas > 0 {
                     b.cfg.replicas
+                } else if b.in_fallback.load(Ordering::SeqCst) {
+                    // Peers still reconnecting are not counted yet: a smaller count now
+                    // would enlarge this replica's local share while they send theirs.
+                    replicas.max(known)
                 } else {
                     replicas.max(1)
                 };
+                b.peers_back.store(fresh >= replicas, Ordering::SeqCst);
                 if b.replicas.swap(replicas, Ordering::SeqCst) != replicas {
                     let scaled = Arc::new(b.set.scaled(replicas));
                     let mut fb = b.lock_fallback();
@@ -953,6 +978,9 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
             _ => {
                 b.failed("heartbeat");
                 b.up.store(false, Ordering::SeqCst);
+                // Even an idle replica decides locally from now on, so that when Redis
+                // returns it too waits for the peers that sent locally meanwhile.
+                b.enter_fallback();
                 failed_beats += 1;
                 // A connection whose peer vanished without a reset (a partition) only ever
                 // times out, and the client does not replace it: start a fresh one.
@@ -964,18 +992,21 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                 }
             }
         }
-        let pause = if b.up.load(Ordering::SeqCst) {
-            HEARTBEAT
-        } else {
+        let pause = if !b.up.load(Ordering::SeqCst) {
             backoff.max(Duration::from_millis(200))
+        } else if b.in_fallback.load(Ordering::SeqCst) {
+            SETTLE_POLL
+        } else {
+            HEARTBEAT
         };
         drop(b);
         tokio::time::sleep(pause).await;
     }
 }
 
-/// One heartbeat: register, count live replicas, renew held leases.
-async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<u64, redis::RedisError> {
+/// One heartbeat: register, count live replicas (and those that heartbeat within
+/// `FRESH_MS`), renew held leases.
+async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<(u64, u64), redis::RedisError> {
     let replicas_key = b.replicas_key();
     let (secs, micros) = conn.time(&replicas_key).await?;
     let now_ms = secs * 1000 + micros / 1000;
@@ -992,6 +1023,7 @@ async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<u64, redis::Redi
     pipe.pexpire(&replicas_key, (REPLICA_STALE_MS * 3) as i64)
         .ignore();
     pipe.zcard(&replicas_key);
+    pipe.zcount(&replicas_key, now_ms.saturating_sub(FRESH_MS), "+inf");
     let leases: Vec<(u64, Vec<String>)> = b
         .leases
         .lock()
@@ -1004,8 +1036,8 @@ async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<u64, redis::Redi
             pipe.pexpire(&k, (lease_us / 1000 + 1000) as i64).ignore();
         }
     }
-    let (count,): (u64,) = pipe.query_async(conn).await?;
-    Ok(count)
+    let counts: (u64, u64) = pipe.query_async(conn).await?;
+    Ok(counts)
 }
 
 #[cfg(test)]

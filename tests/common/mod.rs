@@ -773,6 +773,27 @@ pub async fn raw_exchange(
     half_close: bool,
     quiet: Duration,
 ) -> RawReply {
+    raw_io(addr, request, half_close, quiet, true).await
+}
+
+/// Writes `request` on a new connection, optionally half-closes, and reads everything
+/// until the peer closes or `quiet` passes without data.
+pub async fn raw_read_all(
+    addr: SocketAddr,
+    request: &[u8],
+    half_close: bool,
+    quiet: Duration,
+) -> RawReply {
+    raw_io(addr, request, half_close, quiet, false).await
+}
+
+async fn raw_io(
+    addr: SocketAddr,
+    request: &[u8],
+    half_close: bool,
+    quiet: Duration,
+    one_response: bool,
+) -> RawReply {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let (mut rd, mut wr) = stream.split();
     let write = async {
@@ -794,7 +815,7 @@ pub async fn raw_exchange(
                 }
                 Ok(Ok(n)) => {
                     bytes.extend_from_slice(&chunk[..n]);
-                    if response_complete(&bytes) {
+                    if one_response && response_complete(&bytes) {
                         break;
                     }
                 }
@@ -804,6 +825,85 @@ pub async fn raw_exchange(
     // Read while writing, so a server that answers early cannot dead-lock a large write.
     tokio::join!(write, read);
     RawReply { bytes, closed }
+}
+
+// ---------------------------------------------------------------------------------------
+// Prometheus text
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The samples of a Prometheus text exposition, as pacer writes it (no timestamps). Label
+/// values are unescaped; a malformed label fails the test.
+pub fn prom_samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let mut labels = Vec::new();
+        if line[name_end..].starts_with('{') {
+            let mut chars = line[name_end + 1..].chars().peekable();
+            loop {
+                while chars.peek() == Some(&',') || chars.peek() == Some(&' ') {
+                    chars.next();
+                }
+                if chars.peek() == Some(&'}') || chars.peek().is_none() {
+                    break;
+                }
+                let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+                assert_eq!(chars.next(), Some('"'), "label {key} in {line}");
+                let mut value = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => match chars.next() {
+                            Some('n') => value.push('\n'),
+                            Some(other) => value.push(other),
+                            None => break,
+                        },
+                        '"' => break,
+                        c => value.push(c),
+                    }
+                }
+                labels.push((key, value));
+            }
+        }
+        let value = line
+            .trim()
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("sample without a value: {line}"));
+        out.push(Sample {
+            name: line[..name_end].to_string(),
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// Sum of every sample of `name` whose labels include all of `want`.
+pub fn metric_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    prom_samples(text)
+        .iter()
+        .filter(|s| s.name == name && want.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .sum()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1223,41 +1323,6 @@ async fn raw_serve(mut stream: TcpStream, conn: usize, mode: RawMode, seen: Arc<
             }
         }
     }
-}
-
-/// Writes `request` on a new connection, optionally half-closes, and reads everything
-/// until the peer closes or `quiet` passes without data.
-pub async fn raw_read_all(
-    addr: SocketAddr,
-    request: &[u8],
-    half_close: bool,
-    quiet: Duration,
-) -> RawReply {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut rd, mut wr) = stream.split();
-    let write = async {
-        let _ = wr.write_all(request).await;
-        if half_close {
-            let _ = wr.shutdown().await;
-        }
-    };
-    let mut bytes = Vec::new();
-    let mut closed = false;
-    let read = async {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match tokio::time::timeout(quiet, rd.read(&mut chunk)).await {
-                Err(_) => break,
-                Ok(Ok(0)) | Ok(Err(_)) => {
-                    closed = true;
-                    break;
-                }
-                Ok(Ok(n)) => bytes.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    tokio::join!(write, read);
-    RawReply { bytes, closed }
 }
 
 /// Status codes of every response head in `bytes`, in order.

@@ -5,6 +5,7 @@ use super::{empty, TestClient};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use pacer::app::Running;
+use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -142,6 +143,72 @@ pub async fn wait_up(r: &Running, limit: Duration) -> Duration {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     started.elapsed()
+}
+
+/// Waits until every replica decides through Redis.
+pub async fn wait_all_up(replicas: &[Running], limit: Duration) {
+    for r in replicas {
+        wait_up(r, limit).await;
+    }
+}
+
+/// A simulator whose one OAuth client `id` (secret `s3cret`) may send `requests` per
+/// `window`; the org and token limits are out of the way.
+pub async fn one_client_sim(id: &str, requests: u64, window: &str) -> Simulator {
+    let cfg = SimConfig::from_toml_str(&format!(
+        r#"
+window = "{window}"
+client_requests = {requests}
+org_requests = 1000000
+token_requests = 1000
+[[client]]
+id = "{id}"
+secret = "s3cret"
+"#
+    ))
+    .unwrap();
+    Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
+        .await
+        .unwrap()
+}
+
+/// pacer in front of `sim` with one per-client limit of `requests` per `per` kept in
+/// Redis; `limit` and `state` are more lines for those sections (e.g. a guard, the URL).
+/// No critical traffic in these tests: normal callers may use the whole quota.
+pub fn shared_limit_config(
+    sim: SocketAddr,
+    requests: u64,
+    per: &str,
+    limit: &str,
+    max_wait: &str,
+    state: &str,
+) -> String {
+    format!(
+        r#"
+[[upstream]]
+name = "api"
+url = "http://{sim}"
+timeout = "5s"
+[[route]]
+prefix = "/"
+upstream = "api"
+[identity]
+tokens_me = false
+[[limit]]
+name = "per-client"
+upstream = "api"
+scope = "client"
+requests = {requests}
+per = "{per}"
+{limit}
+[queue]
+max_wait = "{max_wait}"
+critical_reserve = 0.0
+[state]
+backend = "redis"
+{state}
+"#
+    )
 }
 
 /// What callers saw, by status ("shed" for pacer's own refusals, "error" for transport
