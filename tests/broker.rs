@@ -3,9 +3,8 @@
 
 mod common;
 
-use base64::Engine as _;
-use common::{full, start_pacer, within, TestClient};
-use http::{Method, StatusCode};
+use common::{start_pacer, token_reply_via, within, TestClient};
+use http::StatusCode;
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeSet;
 
@@ -51,15 +50,7 @@ token_cache = {cache}
 }
 
 async fn token(client: &TestClient, id: &str, secret: &str) -> (String, u64, bool) {
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
-    let req = client
-        .request(Method::POST, "/oauth/token")
-        .header("authorization", format!("Basic {basic}"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(full("grant_type=client_credentials"))
-        .unwrap();
-    let reply = client.send(req).await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = token_reply_via(client, id, secret).await;
     let v = reply.json();
     (
         v["access_token"].as_str().unwrap().to_string(),

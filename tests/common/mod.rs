@@ -1382,9 +1382,9 @@ impl Bystander {
     }
 }
 
-/// A client-credentials token obtained *through pacer* (Basic credentials, form body), so
-/// that pacer learns the token's client.
-pub async fn token_via(client: &TestClient, id: &str, secret: &str) -> String {
+/// The answer to a client-credentials exchange (Basic credentials, form body) sent through
+/// `client`; it must be 200.
+pub async fn token_reply_via(client: &TestClient, id: &str, secret: &str) -> Reply {
     use base64::Engine as _;
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
     let req = client
@@ -1395,7 +1395,13 @@ pub async fn token_via(client: &TestClient, id: &str, secret: &str) -> String {
         .unwrap();
     let reply = client.send(req).await;
     assert_eq!(reply.status, StatusCode::OK, "token: {}", reply.text());
-    reply.json()["access_token"]
+    reply
+}
+
+/// A client-credentials token obtained *through pacer* (Basic credentials, form body), so
+/// that pacer learns the token's client.
+pub async fn token_via(client: &TestClient, id: &str, secret: &str) -> String {
+    token_reply_via(client, id, secret).await.json()["access_token"]
         .as_str()
         .expect("access_token")
         .to_string()
