@@ -27,6 +27,10 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const QUOTA: u64 = 60;
 const WINDOW: &str = "2s";
+/// Covers the spread of admission-to-arrival delays of a debug build on two loaded cores
+/// (see `greedy_callers_never_trigger_upstream_429` in tests/limits.rs): with 40 ms, the
+/// burst that follows a switch back to shared mode sometimes reached the simulator early.
+const GUARD: &str = "guard = \"200ms\"";
 
 async fn sim() -> Simulator {
     one_client_sim("shared", QUOTA, WINDOW).await
@@ -34,17 +38,19 @@ async fn sim() -> Simulator {
 
 fn replica_config(sim: SocketAddr, redis: &str, extra: &str) -> String {
     let state = format!("url = \"{redis}\"\n{extra}");
-    shared_limit_config(sim, QUOTA, WINDOW, "guard = \"40ms\"", "200ms", &state)
+    shared_limit_config(sim, QUOTA, WINDOW, GUARD, "200ms", &state)
 }
 
+/// `count` pacer instances sharing `redis`, each with a token of its own.
 async fn replicas(
     sim: &Simulator,
     redis: &str,
     extra: &str,
+    count: usize,
 ) -> (Vec<Running>, Vec<(SocketAddr, String)>) {
     let mut running = Vec::new();
     let mut targets = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..count {
         let r = common::start_pacer(&replica_config(sim.addr(), redis, extra)).await;
         targets.push((r.proxy_addr, token(r.proxy_addr).await));
         running.push(r);
@@ -62,14 +68,14 @@ async fn three_replicas_share_one_quota() {
     within("shared quota", async {
         let redis = RedisServer::start();
         let sim = sim().await;
-        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"").await;
+        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"", 3).await;
         wait_until_shared(&running).await;
         sim.reset();
         let tally = Arc::new(Tally::default());
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let tasks = greedy(&targets, 20, tally.clone(), stop.clone());
-        // Three windows and a bit: the bursts at 0, ~2.04 s and ~4.08 s all fall inside.
+        // Three windows and a bit: the bursts at 0, ~2.2 s and ~4.4 s all fall inside.
         tokio::time::sleep(Duration::from_millis(5_000)).await;
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
@@ -117,7 +123,7 @@ async fn redis_outage_falls_back_to_local_shares_and_recovers() {
         let mut redis = RedisServer::start();
         let sim = sim().await;
         let (running, targets) =
-            replicas(&sim, &redis.url(), "replicas = 3\ntimeout = \"500ms\"").await;
+            replicas(&sim, &redis.url(), "replicas = 3\ntimeout = \"500ms\"", 3).await;
         wait_until_shared(&running).await;
         sim.reset();
         let tally = Arc::new(Tally::default());
@@ -335,18 +341,8 @@ async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
         let sim = sim().await;
         // Three replicas are configured, two run: the third, for all they know, is still
         // deciding locally and has sends Redis has not seen.
-        let config = replica_config(
-            sim.addr(),
-            &redis.url(),
-            "replicas = 3\ntimeout = \"500ms\"",
-        );
-        let mut running = Vec::new();
-        let mut targets = Vec::new();
-        for _ in 0..2 {
-            let r = common::start_pacer(&config).await;
-            targets.push((r.proxy_addr, token(r.proxy_addr).await));
-            running.push(r);
-        }
+        let (running, targets) =
+            replicas(&sim, &redis.url(), "replicas = 3\ntimeout = \"500ms\"", 2).await;
         wait_until_shared(&running).await;
         sim.reset();
         let tally = Arc::new(Tally::default());
@@ -374,6 +370,59 @@ async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
             0,
             "the upstream had to answer 429"
         );
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_pauses_every_replica_through_redis() {
+    let _serial = SERIAL.lock().await;
+    within("shared pause", async {
+        let redis = RedisServer::start();
+        // The upstream allows 5 per 2 s; pacer is told 60, so the sixth is the upstream's 429.
+        let sim = one_client_sim("shared", 5, WINDOW).await;
+        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"", 2).await;
+        wait_until_shared(&running).await;
+        let send = |i: usize| {
+            let (addr, token) = targets[i].clone();
+            async move {
+                TestClient::http1(addr)
+                    .get(
+                        "/api/v2/users",
+                        &[("authorization", &format!("Bearer {token}"))],
+                    )
+                    .await
+            }
+        };
+        let mut upstream_429 = false;
+        for _ in 0..10 {
+            let reply = send(0).await;
+            if reply.status == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(reply.header("x-pacer-reason"), None, "{reply:?}");
+                upstream_429 = true;
+                break;
+            }
+        }
+        assert!(upstream_429, "the simulator never answered 429");
+        // The other replica learns the pause from Redis and sheds without asking upstream.
+        let before = sim.stats().total.requests;
+        let reply = send(1).await;
+        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(reply.header("x-pacer-reason"), Some("upstream_paused"));
+        assert!(reply.header("retry-after").is_some());
+        assert_eq!(
+            sim.stats().total.requests,
+            before,
+            "the request reached upstream"
+        );
+        // A paused answer is an answer: both replicas still share through Redis.
+        for r in &running {
+            let s = status(r).await;
+            assert_eq!(s["state"]["up"], true, "{s}");
+        }
         for r in running {
             r.shutdown().await;
         }
