@@ -10,7 +10,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{full, prom_samples, start_pacer, within, TestClient};
+use common::{full, prom_samples, start_pacer, within, Sample, TestClient};
 use http::{Method, StatusCode};
 use pacer::sim::{SimConfig, Simulator};
 use std::path::{Path, PathBuf};
@@ -116,26 +116,11 @@ impl Drop for TempFile {
     }
 }
 
-/// The samples of a Prometheus text exposition: (metric name, labels).
-fn samples(text: &str) -> Vec<(String, Vec<(String, String)>)> {
-    prom_samples(text)
-        .into_iter()
-        .map(|s| (s.name, s.labels))
-        .collect()
-}
-
 /// A path segment that is an id (numeric, UUID-like or long hex) rather than a template.
 fn looks_like_id(seg: &str) -> bool {
     let digits = seg.chars().filter(char::is_ascii_digit).count();
     let hexish = seg.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
     !seg.is_empty() && (digits == seg.len() || (hexish && digits > 0 && seg.len() >= 16))
-}
-
-fn label<'a>(labels: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    labels
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
 }
 
 /// Sends traffic of every kind through a fresh pacer and returns its `/metrics` text and
@@ -281,22 +266,23 @@ critical_reserve = 0.0
 #[tokio::test]
 async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
     let (text, token) = within("observability traffic", metrics_after_traffic()).await;
-    let samples = samples(&text);
+    let samples = prom_samples(&text);
 
     // Every promised name, with its labels.
     for (name, labels) in CONTRACT {
         let found: Vec<_> = samples
             .iter()
-            .filter(|(n, _)| {
-                n == name
-                    || n.strip_prefix(*name)
+            .filter(|s| {
+                s.name == *name
+                    || s.name
+                        .strip_prefix(*name)
                         .is_some_and(|rest| ["_bucket", "_sum", "_count"].contains(&rest))
             })
             .collect();
         assert!(!found.is_empty(), "{name} missing from /metrics:\n{text}");
-        for (n, l) in &found {
+        for s in &found {
             for key in *labels {
-                assert!(label(l, key).is_some(), "{n} lacks label {key}: {l:?}");
+                assert!(s.label(key).is_some(), "{s:?} lacks label {key}");
             }
         }
     }
@@ -314,7 +300,7 @@ async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
     let has = |name: &str, pairs: &[(&str, &str)]| {
         samples
             .iter()
-            .any(|(n, l)| n == name && pairs.iter().all(|(k, v)| label(l, k) == Some(*v)))
+            .any(|s| s.name == name && pairs.iter().all(|(k, v)| s.label(k) == Some(*v)))
     };
     for outcome in ["forwarded", "shed", "rejected"] {
         assert!(
@@ -352,7 +338,7 @@ async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
     );
 
     // Bounded labels: no raw id in any label (templates only), no credential anywhere.
-    for (name, labels) in &samples {
+    for Sample { name, labels, .. } in &samples {
         for (k, v) in labels {
             assert!(
                 !v.contains(USER_ID) && !v.contains(IVR_ID),
