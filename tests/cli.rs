@@ -5,7 +5,7 @@ mod common;
 
 use common::{within, TestClient, TestUpstream};
 use http::StatusCode;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -113,11 +113,7 @@ async fn status_of(addr: SocketAddr, path: &str) -> StatusCode {
 async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     within("reload", async {
         let upstream = TestUpstream::start().await;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir = common::unique_temp_dir("reload");
         let file = dir.join("pacer.toml");

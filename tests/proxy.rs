@@ -873,7 +873,7 @@ async fn garbage_on_the_socket_does_not_break_the_listener() {
 #[tokio::test]
 async fn failed_connections_are_retried_for_idempotent_requests_only() {
     within("connect retry", async {
-        let dead = dead_addr();
+        let (dead, socket) = reserved_addr();
         let pacer = start_pacer(&one_route_config(
             "",
             &format!("http://{dead}"),
@@ -885,7 +885,7 @@ async fn failed_connections_are_retried_for_idempotent_requests_only() {
         let server = tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let listener = tokio::net::TcpListener::bind(dead).await.unwrap();
+            let listener = socket.listen(64).unwrap();
             loop {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = vec![0u8; 4096];

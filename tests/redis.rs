@@ -10,7 +10,7 @@ use common::{empty, token_via, within, TestClient};
 use http::{Method, StatusCode};
 use pacer::app::Running;
 use pacer::sim::Simulator;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -254,11 +254,7 @@ lease_ttl = "2s"
             )
         };
         // The replica that crashes is a real process, killed with SIGKILL.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let dir = common::unique_temp_dir("lease");
         let path = dir.join("pacer.toml");
         std::fs::write(&path, config(&format!("127.0.0.1:{port}"))).unwrap();
@@ -471,11 +467,7 @@ async fn rediss_with_a_private_ca() {
     let _serial = SERIAL.lock().await;
     within("rediss", async {
         let certs = common::TestCerts::new();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let mut child = Command::new("redis-server")
             .args([
                 "--port",

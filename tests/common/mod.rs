@@ -89,12 +89,45 @@ pub fn one_route_config(server: &str, url: &str, upstream: &str) -> String {
     )
 }
 
-/// An address nothing listens on (bound, then released).
+/// An address nothing listens on: a socket bound to it but never listening, kept open for
+/// the rest of the test process, so connecting is refused and no other listener of this
+/// process (a pacer, an upstream) can be given the same port meanwhile.
 pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = l.local_addr().expect("local addr");
-    drop(l);
+    let (addr, socket) = reserved_addr();
+    std::mem::forget(socket);
     addr
+}
+
+/// A free loopback port for a child process (redis-server, a pacer process) to listen on.
+/// Taken below the kernel's ephemeral range (32768 and up on Linux), where outgoing
+/// connections get their source ports: a port picked with `bind(":0")` and released could
+/// be taken by any connection before the child binds it; here only another test process
+/// could take it, and each process walks its own stretch of the range.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (std::process::id().wrapping_mul(7919)) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = (FIRST + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
+}
+
+/// A socket bound to a free port but not listening yet: connecting is refused until
+/// `socket.listen(..)` turns it into a listener on that very port.
+pub fn reserved_addr() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    (socket.local_addr().expect("local addr"), socket)
 }
 
 /// Resident memory of this process, from `/proc/self/status` (Linux only).
