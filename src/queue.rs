@@ -350,10 +350,9 @@ impl Admission {
         method: &http::Method,
         path: &str,
     ) {
-        let demand = self
-            .shared
-            .set
-            .demand(upstream, caller, method, path, Priority::Critical);
+        // Through `demand`: the client comes from the upstream's answer about a caller's
+        // token, so a full store counts it under the overflow key like any other.
+        let demand = self.demand(upstream, caller, method, path, Priority::Critical);
         self.shared.backend.record_sent(&demand);
     }
 

@@ -358,3 +358,14 @@ async fn a_shared_pause_is_shed_as_a_pause_without_an_unrelated_policy() {
     assert_eq!(refused.reason, ShedReason::UpstreamPaused);
     assert_eq!(refused.policy, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn sends_recorded_for_distinct_clients_share_the_overflow_key_too() {
+    // `tokens/me` look-ups are counted for whatever client the upstream names.
+    let text = format!("{TEN_PER_SECOND}\n[identity]\nmax_keys = 100\n");
+    let a = admission(&text);
+    for i in 0..100_000 {
+        a.record_sent(0, &Arc::from(format!("client-{i}")), &Method::GET, "/x");
+    }
+    assert!(a.keys() <= 101, "{}", a.keys());
+}
