@@ -63,20 +63,25 @@ impl Stage for BufferBody {
 enum Read {
     /// The body ended within the limit (with its trailers, if any).
     Whole(Bytes, Option<HeaderMap>),
-    /// The body goes on past the limit: the bytes read so far, and the rest of it.
+    /// The body goes on past the limit: the chunks read so far, and the rest of it.
     Larger(Vec<Bytes>, ProxyBody),
 }
 
 /// Reads `body` until it ends, fails, or has gone past `limit` bytes.
 async fn read_up_to(mut body: ProxyBody, limit: usize) -> Result<Read, BoxError> {
-    let mut buf = BytesMut::new();
+    // Chunks as they came, joined only when there are several: a body that arrives in one
+    // frame (the usual small request) is forwarded without a copy.
+    let (mut chunks, mut len) = (Vec::new(), 0usize);
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
         match frame?.into_data() {
-            Ok(data) if buf.len().saturating_add(data.len()) > limit => {
-                return Ok(Read::Larger(vec![buf.freeze(), data], body));
+            Ok(data) => {
+                len = len.saturating_add(data.len());
+                chunks.push(data);
+                if len > limit {
+                    return Ok(Read::Larger(chunks, body));
+                }
             }
-            Ok(data) => buf.extend_from_slice(&data),
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
                     trailers = Some(t);
@@ -84,7 +89,16 @@ async fn read_up_to(mut body: ProxyBody, limit: usize) -> Result<Read, BoxError>
             }
         }
     }
-    Ok(Read::Whole(buf.freeze(), trailers))
+    let whole = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            chunks.iter().for_each(|c| buf.extend_from_slice(c));
+            buf.freeze()
+        }
+    };
+    Ok(Read::Whole(whole, trailers))
 }
 
 /// A body of `frames` already read, followed by what is left of `rest`.
@@ -108,7 +122,7 @@ fn set_length(headers: &mut HeaderMap, len: usize) {
 
 /// The answer to a request whose body could not be read: 408 when it stalled or ran past
 /// the deadline, 413 past `max_body_bytes`, else 400 (bad framing, cut short).
-pub fn body_error(err: &(dyn std::error::Error + 'static)) -> ProxyError {
+fn body_error(err: &(dyn std::error::Error + 'static)) -> ProxyError {
     let mut source = Some(err);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
@@ -167,10 +181,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn trailers_are_kept() {
+        let mut t = HeaderMap::new();
+        t.insert("x-checksum", HeaderValue::from_static("abc"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hi"))),
+            Ok(Frame::trailers(t.clone())),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+        let Ok(Read::Whole(data, Some(trailers))) = read_up_to(body, 100).await else {
+            panic!("trailers lost");
+        };
+        let again = replay(vec![Frame::data(data), Frame::trailers(trailers)], None)
+            .collect()
+            .await
+            .expect("body");
+        assert_eq!(again.trailers(), Some(&t));
+        assert_eq!(&again.to_bytes()[..], b"hi");
+    }
+
+    #[tokio::test]
     async fn a_broken_body_is_400_and_a_stalled_one_408() {
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
             Ok(Frame::data(Bytes::from_static(b"he"))),
-            Err(Box::new(BodyTimeout::Idle(std::time::Duration::from_secs(1)))),
+            Err(Box::new(BodyTimeout::Idle(std::time::Duration::from_secs(
+                1,
+            )))),
         ];
         let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
         let Err(e) = read_up_to(body, 100).await else {

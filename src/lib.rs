@@ -1,8 +1,8 @@
 //! pacer: a rate-limiting reverse proxy for the Genesys Cloud Platform API.
 //!
 //! The request path is assembled in one place, [`proxy::Proxy::pipeline`]:
-//! guard → route → access → buffer → identify → broker → admit (classify, quotas, queue) → learn →
-//! forward.
+//! guard → route → access → buffer → identify → broker → admit (classify, quotas, queue) →
+//! learn → forward.
 
 pub mod adaptive;
 pub mod admin;

@@ -387,7 +387,12 @@ async fn smuggling_table() {
 
 /// Checks a raw reply is pacer's own JSON error with `status`.
 fn assert_raw_pacer_error(what: &str, reply: &RawReply, status: u16) {
-    assert_eq!(reply.status(), Some(status), "{what}: {}", show(&reply.bytes));
+    assert_eq!(
+        reply.status(),
+        Some(status),
+        "{what}: {}",
+        show(&reply.bytes)
+    );
     assert_eq!(
         reply.header("content-type").as_deref(),
         Some("application/json"),
@@ -511,7 +516,12 @@ async fn bodies_above_buffer_body_bytes_stream() {
             }
             s.write_all(&tail).await.expect("write rest");
             let reply = raw_read_one(&mut s).await;
-            assert_eq!(response_statuses(&reply), [200], "{framing}: {}", show(&reply));
+            assert_eq!(
+                response_statuses(&reply),
+                [200],
+                "{framing}: {}",
+                show(&reply)
+            );
             up.wait_for(1).await;
             let records = up.records();
             assert_eq!(records.len(), 1, "{framing}: {records:#?}");
