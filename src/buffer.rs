@@ -9,7 +9,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::proxy::{call_next, Next, Proxy, Stage, StageFuture};
 use crate::server::{BodyTimeout, ClientBodyError};
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Request};
+use http::{header, HeaderMap, HeaderValue, Method, Request};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ impl Stage for BufferBody {
                 Ok(Read::Whole(data, None)) => {
                     // Re-framed by its real length: whatever framing the client used (and
                     // any conflicting Content-Length next to it) stays on this hop.
-                    set_length(&mut parts.headers, data.len());
+                    set_length(&mut parts.headers, &parts.method, data.len());
                     full(data)
                 }
                 Ok(Read::Whole(data, Some(trailers))) => {
@@ -114,10 +114,22 @@ fn replay(frames: Vec<Frame<Bytes>>, rest: Option<ProxyBody>) -> ProxyBody {
     StreamBody::new(read.chain(rest)).boxed_unsync()
 }
 
-/// Frames a whole body by its length.
-fn set_length(headers: &mut HeaderMap, len: usize) {
+/// Frames a whole body by its length. An empty body of a method that expects none goes
+/// without `Content-Length`, as RFC 9110 §8.6 asks of user agents.
+fn set_length(headers: &mut HeaderMap, method: &Method, len: usize) {
     headers.remove(header::TRANSFER_ENCODING);
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let expects_none = [
+        Method::GET,
+        Method::HEAD,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::TRACE,
+    ];
+    if len == 0 && expects_none.contains(method) {
+        headers.remove(header::CONTENT_LENGTH);
+    } else {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
 }
 
 /// The answer to a request whose body could not be read: 408 when it stalled or ran past
@@ -178,6 +190,25 @@ mod tests {
         let frames = read.into_iter().map(Frame::data).collect();
         let body = replay(frames, Some(rest)).collect().await.expect("body");
         assert_eq!(&body.to_bytes()[..], b"hello world");
+    }
+
+    #[test]
+    fn whole_bodies_are_framed_by_their_length() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        set_length(&mut h, &Method::POST, 0);
+        assert_eq!(
+            (h.get("content-length"), h.get("transfer-encoding")),
+            (Some(&HeaderValue::from(0)), None)
+        );
+        set_length(&mut h, &Method::GET, 0);
+        assert!(h.is_empty(), "{h:?}");
+        set_length(&mut h, &Method::GET, 3);
+        assert_eq!(h.get("content-length"), Some(&HeaderValue::from(3)));
     }
 
     #[tokio::test]

@@ -426,7 +426,15 @@ async fn broken_or_unfinished_bodies_reach_nothing_and_take_no_quota() {
         // Content-Length 40, 35 bytes, then the client closes its side: answered 400 if
         // the answer can still reach it, else the connection is closed.
         let cut = format!("{}{body35}", head("Content-Length: 40"));
-        let reply = raw_exchange(pacer.proxy_addr, cut.as_bytes(), true, QUIET).await;
+        // Generous quiet times: each exchange ends as soon as its answer is whole or the
+        // connection closes.
+        let patience = Duration::from_secs(10);
+        let reply = raw_exchange(pacer.proxy_addr, cut.as_bytes(), true, patience).await;
+        eprintln!(
+            "cut short: status {:?}, closed {}",
+            reply.status(),
+            reply.closed
+        );
         match reply.status() {
             Some(_) => assert_raw_pacer_error("cut short", &reply, 400),
             None => assert!(reply.closed, "cut short: {reply:?}"),
@@ -437,14 +445,13 @@ async fn broken_or_unfinished_bodies_reach_nothing_and_take_no_quota() {
             "{}5\r\nhelloXY0\r\n\r\n",
             head("Transfer-Encoding: chunked")
         );
-        let reply = raw_exchange(pacer.proxy_addr, bad.as_bytes(), false, QUIET).await;
+        let reply = raw_exchange(pacer.proxy_addr, bad.as_bytes(), false, patience).await;
         assert_raw_pacer_error("bad chunk", &reply, 400);
 
         // Content-Length 40, 35 bytes, then silence: 408 once body_idle_timeout (1s) passes.
         let stalled = format!("{}{body35}", head("Content-Length: 40"));
         let started = std::time::Instant::now();
-        let reply =
-            raw_exchange(pacer.proxy_addr, stalled.as_bytes(), false, Duration::from_secs(10)).await;
+        let reply = raw_exchange(pacer.proxy_addr, stalled.as_bytes(), false, patience).await;
         let took = started.elapsed();
         assert_raw_pacer_error("stalled", &reply, 408);
         assert!(took >= Duration::from_millis(900), "408 after only {took:?}");
