@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod path;
 pub mod proxy;
 pub mod queue;
+pub mod reserve;
 pub mod route;
 pub mod server;
 pub mod sim;

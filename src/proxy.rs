@@ -18,6 +18,7 @@ use crate::identity::{Identify, Identity};
 use crate::limit::LimitSet;
 use crate::metrics::{Gauge, Metrics, Outcome};
 use crate::queue::Admission;
+use crate::reserve::CriticalSources;
 use crate::route::{Access, RouteStage, RouteTable};
 use crate::state::redis::RedisBackend;
 use crate::state::{Backend, Clock, LocalBackend};
@@ -165,6 +166,9 @@ impl Proxy {
                 .unwrap_or(0)
         });
         old.resolver.replace(upstreams.clone());
+        // Routes may have changed: a new critical route lets keys learn the reserve.
+        old.admission
+            .set_critical_sources(CriticalSources::of(&config));
         Ok(Arc::new(Proxy {
             adaptive: old.adaptive.clone(),
             broker: old.broker.clone(),
@@ -211,6 +215,7 @@ impl Proxy {
             config.queue.clone(),
             config.identity.max_keys,
         );
+        admission.set_critical_sources(CriticalSources::of(&config));
         let resolver = Arc::new(UpstreamResolver::new(upstreams.clone()));
         let counter = admission.clone();
         let identity = Identity::new(
@@ -365,6 +370,7 @@ impl Proxy {
             "limits": usage,
             "pauses": pauses,
             "limiter_keys": self.admission.keys(),
+            "critical_reserve": self.reserve_status(),
             "adaptive_cuts": self
                 .adaptive
                 .cuts()
@@ -377,6 +383,33 @@ impl Proxy {
                 .collect::<Vec<_>>(),
             "state": self.admission.backend_status(),
             "remembered_tokens": self.identity.remembered_tokens(),
+        })
+    }
+
+    /// Which keys keep the critical reserve, and why (see [`crate::reserve`]).
+    fn reserve_status(&self) -> serde_json::Value {
+        use crate::config::Priority;
+        let c = &self.config;
+        let clients: Vec<&str> = c
+            .clients
+            .iter()
+            .filter(|cl| cl.priority == Priority::Critical)
+            .map(|cl| cl.name.as_deref().unwrap_or(&cl.id))
+            .collect();
+        let routes: Vec<&str> = c
+            .routes
+            .iter()
+            .filter(|r| r.priority == Some(Priority::Critical))
+            .map(|r| r.prefix.as_str())
+            .collect();
+        let (count, learned) = self.admission.learned_reserve(100);
+        serde_json::json!({
+            "share": c.queue.critical_reserve,
+            "critical_clients": clients,
+            "critical_routes": routes,
+            "shared_keys_always": !clients.is_empty(),
+            "learned_count": count,
+            "learned": learned,
         })
     }
 

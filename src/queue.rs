@@ -12,6 +12,7 @@ use crate::config::{Priority, QueueConfig};
 use crate::error::ShedReason;
 use crate::limit::window::Nanos;
 use crate::limit::{BlockKind, Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
+use crate::reserve::{CriticalSources, Reserve};
 use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -118,6 +119,8 @@ struct Shared {
     queue: QueueConfig,
     max_keys: usize,
     clock: Clock,
+    /// Which keys keep the critical reserve.
+    reserve: Reserve,
     state: Mutex<State>,
     wake: Arc<Notify>,
 }
@@ -127,6 +130,38 @@ impl Shared {
         // The queue's bookkeeping stays consistent per operation; after a panic elsewhere
         // keep serving with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Which of `demand`'s keys keep the critical reserve; a critical request first teaches
+    /// that its keys are reachable (and shares that with other replicas).
+    fn reserve_for(&self, demand: &Demand, now: Nanos) -> Vec<bool> {
+        let reserve = &self.reserve;
+        if reserve.learns() {
+            reserve.merge(self.backend.shared_critical(), now);
+            if demand.priority == crate::config::Priority::Critical {
+                let fresh = reserve.learn(&demand.layers, now);
+                if !fresh.is_empty() {
+                    self.backend
+                        .share_critical(fresh, self.queue.reserve_memory.0);
+                }
+            }
+        }
+        reserve.decide(&demand.layers, now)
+    }
+
+    /// `demand` with its reserve decided again: a waiting request keeps no reserve that a
+    /// critical request learned meanwhile.
+    fn redecide(&self, demand: Arc<Demand>, now: Nanos) -> Arc<Demand> {
+        if !self.reserve.learns() {
+            return demand;
+        }
+        let reserved = self.reserve.decide(&demand.layers, now);
+        if reserved == demand.reserved {
+            return demand;
+        }
+        let mut d = (*demand).clone();
+        d.reserved = reserved;
+        Arc::new(d)
     }
 
     /// Asks the backend, making sure a grant whose caller went away meanwhile is refunded.
@@ -185,11 +220,13 @@ impl Admission {
         max_keys: usize,
     ) -> Admission {
         let wake = Arc::new(Notify::new());
+        let reserve = Reserve::new(queue.reserve_memory.0, max_keys, set.specs.len());
         let shared = Arc::new(Shared {
             set,
             backend,
             queue,
             max_keys,
+            reserve,
             clock,
             state: Mutex::new(State::default()),
             wake: wake.clone(),
@@ -234,18 +271,30 @@ impl Admission {
         demand
     }
 
+    /// Where critical traffic can come from, so that only keys it can reach keep the
+    /// critical reserve (every key does until this is called).
+    pub fn set_critical_sources(&self, sources: CriticalSources) {
+        self.shared.reserve.set_sources(sources);
+    }
+
+    /// Learned keys that keep the critical reserve: how many, and up to `limit` names.
+    pub fn learned_reserve(&self, limit: usize) -> (usize, Vec<String>) {
+        self.shared.reserve.learned(self.shared.clock.now(), limit)
+    }
+
     /// Reserves room for `demand`, waiting at most `max_wait`.
     pub async fn admit(
         &self,
-        demand: Demand,
+        mut demand: Demand,
         pause: Option<PauseKey>,
         max_wait: Duration,
     ) -> Result<Reservation, Refusal> {
         let shared = &self.shared;
         let started = Instant::now();
         let max_wait_ns = max_wait.as_nanos() as Nanos;
-        let demand = Arc::new(demand);
         let now = shared.clock.now();
+        demand.reserved = shared.reserve_for(&demand, now);
+        let demand = Arc::new(demand);
         let (paused, ahead) = {
             let state = shared.lock();
             (state.paused_until(&pause, now), state.ahead(&demand))
@@ -441,6 +490,7 @@ fn jitter(pause: Nanos) -> Nanos {
 fn signature(demand: &Demand, pause: &Option<PauseKey>) -> u64 {
     let mut h = DefaultHasher::new();
     demand.layers.hash(&mut h);
+    demand.reserved.hash(&mut h);
     demand.priority.hash(&mut h);
     pause.hash(&mut h);
     h.finish()
@@ -602,6 +652,7 @@ async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
                 shared.backend.sweep();
                 let now = shared.clock.now();
                 shared.lock().pauses.retain(|_, until| *until > now);
+                shared.reserve.prune(now);
                 last_sweep = Instant::now();
             }
             drain(&shared).await.map(|at| shared.clock.instant(at))
@@ -667,7 +718,8 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
             continue;
         }
         let zeros = vec![0; c.demand.layers.len()];
-        match shared.take(c.demand.clone(), zeros, c.pause.as_ref()).await {
+        let demand = shared.redecide(c.demand.clone(), now);
+        match shared.take(demand, zeros, c.pause.as_ref()).await {
             Ok(grant) => {
                 let waiter = shared.lock().remove_waiter(c.key);
                 let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO);

@@ -420,6 +420,10 @@ pub struct QueueConfig {
     pub critical_reserve: f64,
     /// Bulk may fill at most this share of any quota.
     pub bulk_share: f64,
+    /// A client that sent critical requests on a critical route keeps the reserve on its
+    /// keys (and the shared keys those requests counted against) until this long passes
+    /// without another.
+    pub reserve_memory: Dur,
 }
 
 impl Default for QueueConfig {
@@ -429,6 +433,7 @@ impl Default for QueueConfig {
             max_depth: 10_000,
             critical_reserve: 0.2,
             bulk_share: 0.5,
+            reserve_memory: Dur::secs(24 * 3600),
         }
     }
 }
@@ -679,6 +684,9 @@ impl Config {
                 "queue.critical_reserve".into(),
                 format!("must be in [0, 1), got {}", q.critical_reserve),
             );
+        }
+        if q.reserve_memory.0 < Duration::from_secs(1) {
+            err("queue.reserve_memory".into(), "must be at least 1s".into());
         }
         if !(q.bulk_share > 0.0 && q.bulk_share <= 1.0) {
             err(

@@ -267,3 +267,24 @@ fn redis_mode_mistakes_name_their_keys() {
     let e = state_errors("mode = \"ring\"\nurl = \"redis://r/\"");
     assert!(has(&e, "ring"), "{e:#?}");
 }
+
+#[test]
+fn reserve_memory_defaults_to_a_day_and_must_be_at_least_a_second() {
+    let c = Config::parse_with_env(MINIMAL, &env).unwrap();
+    assert_eq!(c.queue.reserve_memory, Dur::secs(24 * 3600));
+    let c = Config::parse_with_env(
+        &format!("{MINIMAL}\n[queue]\nreserve_memory = \"10m\"\n"),
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.queue.reserve_memory, Dur::secs(600));
+    for bad in ["0s", "500ms"] {
+        let e = Config::parse_with_env(
+            &format!("{MINIMAL}\n[queue]\nreserve_memory = \"{bad}\"\n"),
+            &env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("queue.reserve_memory"), "{bad}: {e}");
+    }
+}

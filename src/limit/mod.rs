@@ -23,23 +23,51 @@ pub struct LimitSpec {
     /// Template index in the classifier; every request when `None`.
     pub template: Option<usize>,
     pub scope: Scope,
-    /// Requests per window after headroom, per priority class (critical, normal, bulk).
+    /// Requests per window after headroom, per priority class (critical, normal, bulk), on
+    /// a key that keeps the critical reserve.
     pub ceilings: Option<[u64; 3]>,
+    /// The same on a key no critical traffic can reach (no reserve kept).
+    pub ceilings_open: Option<[u64; 3]>,
     /// Requests per window after headroom (the critical ceiling).
     pub requests: Option<u64>,
     /// The advertised window (`per`), for headers.
     pub per: Duration,
     /// The counted window: `per` plus the guard interval.
     pub window: Nanos,
-    /// In-flight cap per class.
+    /// In-flight cap per class, on a key that keeps the critical reserve.
     pub concurrency: Option<[u64; 3]>,
+    /// The same on a key no critical traffic can reach.
+    pub concurrency_open: Option<[u64; 3]>,
+}
+
+impl LimitSpec {
+    /// Rate ceiling of a priority class; `reserved` when the key keeps the critical reserve.
+    pub fn rate_ceiling(&self, class: usize, reserved: bool) -> Option<u64> {
+        let c = if reserved {
+            self.ceilings
+        } else {
+            self.ceilings_open
+        };
+        c.map(|c| c[class])
+    }
+
+    /// In-flight cap of a priority class; `reserved` as for [`LimitSpec::rate_ceiling`].
+    pub fn concurrency_cap(&self, class: usize, reserved: bool) -> Option<u64> {
+        let c = if reserved {
+            self.concurrency
+        } else {
+            self.concurrency_open
+        };
+        c.map(|c| c[class])
+    }
 }
 
 /// Share of a limit each class may fill: critical all, normal all but the critical
-/// reserve, bulk at most `bulk_share` of that.
-fn ceilings(n: u64, q: &QueueConfig) -> [u64; 3] {
-    let normal = ((n as f64) * (1.0 - q.critical_reserve)).floor() as u64;
-    let bulk = ((n as f64) * q.bulk_share.min(1.0 - q.critical_reserve)).floor() as u64;
+/// reserve when the key keeps one (`reserved`), bulk at most `bulk_share` of that.
+fn ceilings(n: u64, q: &QueueConfig, reserved: bool) -> [u64; 3] {
+    let reserve = if reserved { q.critical_reserve } else { 0.0 };
+    let normal = ((n as f64) * (1.0 - reserve)).floor() as u64;
+    let bulk = ((n as f64) * q.bulk_share.min(1.0 - reserve)).floor() as u64;
     [n, normal.max(1), bulk.max(1)]
 }
 
@@ -75,14 +103,16 @@ impl LimitSet {
                         .and_then(|m| Template::parse(m).ok())
                         .and_then(|t| classifier.index_of(t.label())),
                     scope: l.scope,
-                    ceilings: requests.map(|n| ceilings(n, queue)),
+                    ceilings: requests.map(|n| ceilings(n, queue, true)),
+                    ceilings_open: requests.map(|n| ceilings(n, queue, false)),
                     requests,
                     per: l.per.map(|d| d.0).unwrap_or_default(),
                     window: l
                         .effective_window()
                         .map(|d| d.as_nanos() as Nanos)
                         .unwrap_or(0),
-                    concurrency: l.concurrency.map(|n| ceilings(n, queue)),
+                    concurrency: l.concurrency.map(|n| ceilings(n, queue, true)),
+                    concurrency_open: l.concurrency.map(|n| ceilings(n, queue, false)),
                 }
             })
             .collect();
@@ -101,7 +131,9 @@ impl LimitSet {
         for spec in &mut set.specs {
             spec.requests = spec.requests.map(div);
             spec.ceilings = spec.ceilings.map(|c| c.map(div));
+            spec.ceilings_open = spec.ceilings_open.map(|c| c.map(div));
             spec.concurrency = spec.concurrency.map(|c| c.map(div));
+            spec.concurrency_open = spec.concurrency_open.map(|c| c.map(div));
         }
         set
     }
@@ -136,9 +168,11 @@ impl LimitSet {
                     }
                 },
             })
-            .collect();
+            .collect::<Vec<_>>();
         Demand {
             upstream,
+            // Until told where critical traffic goes, every key keeps the reserve.
+            reserved: vec![true; layers.len()],
             layers,
             priority,
             endpoint,
@@ -185,6 +219,17 @@ pub struct Demand {
     /// Share of every rate ceiling this request may use (adaptive mode cuts it after
     /// upstream 429s); 1.0 normally.
     pub rate_scale: f64,
+    /// Per layer: true when its key keeps the critical reserve, so normal and bulk stop
+    /// short of it (see [`crate::reserve`]).
+    pub reserved: Vec<bool>,
+}
+
+impl Demand {
+    /// True when the `i`-th layer's key keeps the critical reserve; a layer the
+    /// admission did not decide on keeps it.
+    pub fn holds_reserve(&self, i: usize) -> bool {
+        self.reserved.get(i).copied().unwrap_or(true)
+    }
 }
 
 /// Room taken by one admitted request; give it back with [`Ledger::refund`] or
@@ -283,13 +328,14 @@ impl Ledger {
     ) -> Result<Taken, Blocked> {
         let class = demand.priority.index();
         let mut blocked: Option<Blocked> = None;
-        for layer in &demand.layers {
+        for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
+            let reserved = demand.holds_reserve(i);
             let counter = self.counters.entry(layer.clone()).or_default();
             let ahead = queued_ahead(layer);
-            if let Some(ceil) = spec.ceilings {
+            if let Some(ceil) = spec.rate_ceiling(class, reserved) {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil[class], demand.rate_scale);
+                let ceil = scaled(ceil, demand.rate_scale);
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, ahead);
                 if wait > 0 {
                     let worse = match &blocked {
@@ -304,8 +350,8 @@ impl Ledger {
                     }
                 }
             }
-            if let Some(ceil) = spec.concurrency {
-                if counter.inflight + ahead >= ceil[class] {
+            if let Some(ceil) = spec.concurrency_cap(class, reserved) {
+                if counter.inflight + ahead >= ceil {
                     blocked = Some(Blocked {
                         kind: BlockKind::Layer(layer.clone()),
                         wait: None,
@@ -466,9 +512,12 @@ impl Ledger {
     pub fn tightest(&mut self, set: &LimitSet, now: Nanos, demand: &Demand) -> Option<Headroom> {
         let class = demand.priority.index();
         let mut best: Option<Headroom> = None;
-        for layer in &demand.layers {
+        for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
-            let Some(quota) = spec.ceilings.map(|c| scaled(c[class], demand.rate_scale)) else {
+            let Some(quota) = spec
+                .rate_ceiling(class, demand.holds_reserve(i))
+                .map(|c| scaled(c, demand.rate_scale))
+            else {
                 continue;
             };
             let (used, oldest) = match self.counters.get_mut(layer) {

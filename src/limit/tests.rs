@@ -219,3 +219,54 @@ fn pad_adds_only_what_is_missing() {
     l.pad(&s, 10, &client, 4);
     assert_eq!(used(&mut l), Some(4));
 }
+
+#[test]
+fn normal_and_bulk_fill_a_key_without_reserve_up_to_their_own_share() {
+    let (_, s) = set(r#"
+[queue]
+critical_reserve = 0.2
+bulk_share = 0.9
+[[limit]]
+name = "client"
+scope = "client"
+requests = 10
+per = "1s"
+concurrency = 10
+"#);
+    let spec = &s.specs[0];
+    // critical, normal, bulk with the reserve kept, then without.
+    let rate = |reserved| [0, 1, 2].map(|c| spec.rate_ceiling(c, reserved).unwrap());
+    assert_eq!(rate(true), [10, 8, 8]);
+    assert_eq!(rate(false), [10, 10, 9]);
+    let cap = |reserved| [0, 1, 2].map(|c| spec.concurrency_cap(c, reserved).unwrap());
+    assert_eq!(cap(true), [10, 8, 8]);
+    assert_eq!(cap(false), [10, 10, 9]);
+    // Local shares divide both.
+    let half = s.scaled(2);
+    assert_eq!(half.specs[0].rate_ceiling(1, false), Some(5));
+    assert_eq!(half.specs[0].rate_ceiling(1, true), Some(4));
+
+    let a: Arc<str> = Arc::from("a");
+    let b: Arc<str> = Arc::from("b");
+    let mut open = s.demand(0, &a, &Method::GET, "/x", Priority::Normal);
+    open.reserved = vec![false];
+    let kept = s.demand(0, &b, &Method::GET, "/x", Priority::Normal);
+    assert_eq!(
+        kept.reserved,
+        vec![true],
+        "a demand keeps the reserve by default"
+    );
+    let mut l = Ledger::new();
+    let taken = |l: &mut Ledger, d: &Demand| {
+        (0..20)
+            .filter(|&t| l.try_take(&s, t, d, &|_| 0).is_ok())
+            .count()
+    };
+    assert_eq!(taken(&mut l, &open), 10);
+    assert_eq!(taken(&mut l, &kept), 8);
+    // The headroom headers name the class share in force on the key.
+    let h = l.tightest(&s, 20, &open).unwrap();
+    assert_eq!((h.quota, h.remaining), (10, 0));
+    let h = l.tightest(&s, 20, &kept).unwrap();
+    assert_eq!((h.quota, h.remaining), (8, 0));
+}

@@ -369,3 +369,134 @@ async fn sends_recorded_for_distinct_clients_share_the_overflow_key_too() {
     }
     assert!(a.keys() <= 101, "{}", a.keys());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_learned_reserve_holds_while_critical_traffic_comes_and_is_forgotten_after() {
+    let a = admission(
+        r#"
+[queue]
+critical_reserve = 0.2
+reserve_memory = "1h"
+[[limit]]
+name = "client"
+scope = "client"
+requests = 10
+per = "1s"
+guard = "0ms"
+"#,
+    );
+    // A critical route exists, but this client has sent nothing critical yet.
+    a.set_critical_sources(CriticalSources::Configured {
+        routes: true,
+        clients: Default::default(),
+    });
+    let normal_fit = |a: Admission| async move {
+        let mut n = 0;
+        while a
+            .admit(demand(&a, "c", Priority::Normal), None, Duration::ZERO)
+            .await
+            .map(Reservation::commit)
+            .is_ok()
+        {
+            n += 1;
+        }
+        n
+    };
+    assert_eq!(
+        normal_fit(a.clone()).await,
+        10,
+        "no reserve before critical"
+    );
+    tokio::time::sleep(Duration::from_millis(1001)).await;
+    a.admit(demand(&a, "c", Priority::Critical), None, Duration::ZERO)
+        .await
+        .unwrap()
+        .commit();
+    assert_eq!(
+        normal_fit(a.clone()).await,
+        7,
+        "8 of 10 for normal, 1 taken"
+    );
+    // Another client keeps no reserve.
+    let mut other = 0;
+    while a
+        .admit(demand(&a, "d", Priority::Normal), None, Duration::ZERO)
+        .await
+        .map(Reservation::commit)
+        .is_ok()
+    {
+        other += 1;
+    }
+    assert_eq!(other, 10);
+    assert_eq!(a.learned_reserve(10), (1, vec!["c:c".to_string()]));
+    // Within reserve_memory of the critical request the reserve stays...
+    tokio::time::sleep(Duration::from_secs(3599)).await;
+    assert_eq!(normal_fit(a.clone()).await, 8);
+    // ...and after it, it is gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(normal_fit(a.clone()).await, 10);
+    assert_eq!(a.learned_reserve(10).0, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_stops_short_of_a_reserve_learned_while_it_waits() {
+    let a = admission(
+        r#"
+[queue]
+critical_reserve = 0.5
+[[limit]]
+name = "client"
+scope = "client"
+requests = 4
+per = "1s"
+guard = "0ms"
+"#,
+    );
+    a.set_critical_sources(CriticalSources::Configured {
+        routes: true,
+        clients: Default::default(),
+    });
+    for _ in 0..4 {
+        a.admit(demand(&a, "c", Priority::Normal), None, Duration::ZERO)
+            .await
+            .unwrap()
+            .commit();
+    }
+    // Four normal requests wait for the next window, decided without a reserve.
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let a = a.clone();
+        waiting.push(tokio::spawn(async move {
+            a.admit(
+                demand(&a, "c", Priority::Normal),
+                None,
+                Duration::from_millis(1500),
+            )
+            .await
+            .map(Reservation::commit)
+            .is_ok()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A critical request arrives (it waits too, ahead of them).
+    let critical = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.admit(
+                demand(&a, "c", Priority::Critical),
+                None,
+                Duration::from_secs(2),
+            )
+            .await
+            .map(Reservation::commit)
+            .is_ok()
+        })
+    };
+    let mut admitted = 0;
+    for w in waiting {
+        admitted += usize::from(w.await.unwrap());
+    }
+    assert!(critical.await.unwrap());
+    // The next window: the critical request and two normal (half is reserved).
+    assert_eq!(admitted, 1, "normal stopped short of the learned reserve");
+}

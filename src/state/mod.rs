@@ -83,6 +83,14 @@ pub trait Backend: Send + Sync + 'static {
     fn at_least(&self, _layer: &LayerKey, _used: u64) {}
     /// Shares an upstream's pause with other replicas (the queue keeps its own copy).
     fn pause(&self, _key: &str, _for: Duration) {}
+    /// Shares keys critical traffic was seen to reach (see [`crate::reserve`]) with other
+    /// replicas, for `keep`; local state has no one to share with.
+    fn share_critical(&self, _members: Vec<String>, _keep: Duration) {}
+    /// Keys other replicas saw critical traffic reach since the last call, with when (on
+    /// this process' clock).
+    fn shared_critical(&self) -> Vec<(String, Nanos)> {
+        Vec::new()
+    }
     /// How often to retry a request blocked by a concurrency cap; `None` when releases
     /// are always seen (local).
     fn concurrency_retry(&self) -> Option<Duration> {

@@ -32,7 +32,7 @@ use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServer
 use redis::{Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -119,6 +119,43 @@ for i, key in ipairs(KEYS) do
 end
 return 1
 "#;
+
+/// Remembers keys critical traffic reached (see [`crate::reserve`]): scored by Redis' time
+/// in ms, pruned past their memory, at most `max` members (those seen longest ago go).
+/// KEYS: the set; ARGV: memory in ms, max, then the members.
+static LEARN_CRITICAL: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local memory, max = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV do redis.call('ZADD', KEYS[1], now, ARGV[i]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - memory)
+local extra = redis.call('ZCARD', KEYS[1]) - max
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+redis.call('PEXPIRE', KEYS[1], memory)
+return 1
+"#,
+    )
+});
+
+/// Members of the critical set seen since ARGV[1] (ms, Redis time), at most ARGV[2].
+/// Returns `{secs, micros, member, score, ...}` with Redis' time now.
+static READ_CRITICAL: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local t = redis.call('TIME')
+local got = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {t[1], t[2]}
+for i = 1, #got do out[#out + 1] = got[i] end
+return out
+"#,
+    )
+});
+
+/// Each read of the critical set looks this far before the previous one, so a member
+/// written while that read ran is not missed.
+const CRITICAL_READ_OVERLAP_MS: u64 = 1_000;
 
 /// Consecutive failures that open the breaker.
 const BREAKER_FAILURES: u32 = 3;
@@ -431,6 +468,11 @@ pub struct RedisBackend {
     replayed_at: Mutex<Option<Instant>>,
     /// As many replicas as this one knows of heartbeat Redis now (set by the heartbeat).
     peers_back: AtomicBool,
+    /// Keys kept per caller at most (`[identity] max_keys`).
+    max_keys: usize,
+    /// Keys the replicas saw critical traffic reach, read by the heartbeat and not yet
+    /// taken by the queue (bounded by `max_keys`), and Redis' time of the last read (ms).
+    critical: Mutex<(Option<u64>, HashMap<String, Nanos>)>,
 }
 
 impl RedisBackend {
@@ -478,6 +520,8 @@ impl RedisBackend {
             in_fallback: AtomicBool::new(false),
             replayed_at: Mutex::new(None),
             peers_back: AtomicBool::new(false),
+            max_keys: max_keys.max(1),
+            critical: Mutex::new((None, HashMap::new())),
             cfg,
         })
     }
@@ -500,6 +544,56 @@ impl RedisBackend {
     /// Sorted set of live replicas, scored by their last heartbeat (ms).
     fn replicas_key(&self) -> String {
         format!("{{{}}}:replicas", self.cfg.key_prefix)
+    }
+
+    /// Sorted set of the keys critical traffic reached, scored by when (ms, Redis time).
+    fn critical_key(&self) -> String {
+        format!("{{{}}}:critical", self.cfg.key_prefix)
+    }
+
+    /// Reads what the replicas learned about critical traffic since the last read.
+    async fn refresh_critical(&self, conn: &mut Conn) -> Result<(), redis::RedisError> {
+        let since = self
+            .critical
+            .lock()
+            .ok()
+            .and_then(|c| c.0)
+            .map_or("-inf".to_string(), |ms| {
+                ms.saturating_sub(CRITICAL_READ_OVERLAP_MS).to_string()
+            });
+        let got: Vec<String> = READ_CRITICAL
+            .key(self.critical_key())
+            .arg(since)
+            .arg(self.max_keys)
+            .invoke_async(conn)
+            .await?;
+        let [secs, micros, rest @ ..] = got.as_slice() else {
+            return Ok(());
+        };
+        let (Ok(secs), Ok(micros)) = (secs.parse::<u64>(), micros.parse::<u64>()) else {
+            return Ok(());
+        };
+        let redis_now = secs.saturating_mul(1000).saturating_add(micros / 1000);
+        let now = self.clock.now();
+        let Ok(mut critical) = self.critical.lock() else {
+            return Ok(());
+        };
+        critical.0 = Some(redis_now);
+        for pair in rest.chunks_exact(2) {
+            let Ok(score) = pair[1].parse::<f64>() else {
+                continue;
+            };
+            // A score from the future (another primary's clock) counts as now.
+            let age_ms = redis_now.saturating_sub(score.max(0.0) as u64);
+            let at = now.saturating_sub(age_ms.saturating_mul(1_000_000));
+            let inbox = &mut critical.1;
+            if let Some(seen) = inbox.get_mut(&pair[0]) {
+                *seen = (*seen).max(at);
+            } else if inbox.len() < self.max_keys {
+                inbox.insert(pair[0].clone(), at);
+            }
+        }
+        Ok(())
     }
 
     fn pause_key(&self, key: &str) -> String {
@@ -623,19 +717,20 @@ impl RedisBackend {
         inv.arg(keys.len()).arg(format!("{}:{id}", self.replica));
         for (layer, cap) in keys {
             let spec = &self.set.specs[layer.limit];
-            let a = demand
-                .layers
-                .iter()
-                .position(|l| l == layer)
-                .and_then(|i| ahead.get(i))
-                .copied()
-                .unwrap_or(0);
-            let (kind, ceil, span, quota) = match (cap, spec.ceilings, spec.concurrency) {
+            let index = demand.layers.iter().position(|l| l == layer);
+            let a = index.and_then(|i| ahead.get(i)).copied().unwrap_or(0);
+            // Decided in Rust per key: the script only sees each key's ceiling.
+            let reserved = index.is_none_or(|i| demand.holds_reserve(i));
+            let (kind, ceil, span, quota) = match (
+                cap,
+                spec.rate_ceiling(class, reserved),
+                spec.concurrency_cap(class, reserved),
+            ) {
                 (false, Some(c), _) => {
-                    let ceil = scaled(c[class], demand.rate_scale);
+                    let ceil = scaled(c, demand.rate_scale);
                     (1, ceil, spec.window / 1000, ceil)
                 }
-                (true, _, Some(c)) => (2, c[class], lease, c[0]),
+                (true, _, Some(c)) => (2, c, lease, spec.concurrency_cap(0, true).unwrap_or(c)),
                 _ => (2, u64::MAX, lease, 0),
             };
             inv.key(self.key(layer, *cap));
@@ -870,8 +965,15 @@ impl Backend for RedisBackend {
                 let headroom = key_at(v[2]).filter(|_| v[3] >= 0).map(|layer| Headroom {
                     limit: layer.limit,
                     quota: self.set.specs[layer.limit]
-                        .ceilings
-                        .map_or(0, |c| scaled(c[demand.priority.index()], demand.rate_scale)),
+                        .rate_ceiling(
+                            demand.priority.index(),
+                            demand
+                                .layers
+                                .iter()
+                                .position(|l| *l == layer)
+                                .is_none_or(|i| demand.holds_reserve(i)),
+                        )
+                        .map_or(0, |c| scaled(c, demand.rate_scale)),
                     remaining: v[3] as u64,
                     reset: Duration::from_micros(v[4].max(0) as u64),
                 });
@@ -938,6 +1040,31 @@ impl Backend for RedisBackend {
                 .to_owned();
             let _ = tokio::time::timeout(timeout * 5, cmd.query_async::<()>(&mut conn)).await;
         });
+    }
+
+    fn share_critical(&self, members: Vec<String>, keep: Duration) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let key = self.critical_key();
+        let keep_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX).max(1);
+        let max = self.max_keys;
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let mut learn = LEARN_CRITICAL.prepare_invoke();
+            learn.key(key).arg(keep_ms).arg(max);
+            for m in members {
+                learn.arg(m);
+            }
+            let _ = tokio::time::timeout(timeout * 5, learn.invoke_async::<()>(&mut conn)).await;
+        });
+    }
+
+    fn shared_critical(&self) -> Vec<(String, Nanos)> {
+        match self.critical.lock() {
+            Ok(mut c) if !c.1.is_empty() => std::mem::take(&mut c.1).into_iter().collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn is_remote(&self) -> bool {
@@ -1045,6 +1172,12 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                     replicas.max(1)
                 };
                 b.peers_back.store(fresh >= replicas, Ordering::SeqCst);
+                // What the replicas learned about critical traffic; a failure is no outage.
+                match tokio::time::timeout(timeout, b.refresh_critical(&mut conn)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "reading the critical set"),
+                    Err(_) => tracing::debug!("reading the critical set: timeout"),
+                }
                 if b.replicas.swap(replicas, Ordering::SeqCst) != replicas {
                     let scaled = Arc::new(b.set.scaled(replicas));
                     let mut fb = b.lock_fallback();
