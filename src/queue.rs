@@ -137,7 +137,7 @@ impl Shared {
     fn reserve_for(&self, demand: &Demand, now: Nanos) -> Vec<bool> {
         let reserve = &self.reserve;
         if reserve.learns() {
-            reserve.merge(self.backend.shared_critical(), now);
+            self.merge_shared_critical(now);
             if demand.priority == crate::config::Priority::Critical {
                 let fresh = reserve.learn(&demand.layers, now);
                 if !fresh.is_empty() {
@@ -147,6 +147,13 @@ impl Shared {
             }
         }
         reserve.decide(&demand.layers, now)
+    }
+
+    /// Takes in what other replicas learned about critical traffic.
+    fn merge_shared_critical(&self, now: Nanos) {
+        if self.reserve.learns() {
+            self.reserve.merge(self.backend.shared_critical(), now);
+        }
     }
 
     /// `demand` with its reserve decided again: a waiting request keeps no reserve that a
@@ -279,7 +286,9 @@ impl Admission {
 
     /// Learned keys that keep the critical reserve: how many, and up to `limit` names.
     pub fn learned_reserve(&self, limit: usize) -> (usize, Vec<String>) {
-        self.shared.reserve.learned(self.shared.clock.now(), limit)
+        let now = self.shared.clock.now();
+        self.shared.merge_shared_critical(now);
+        self.shared.reserve.learned(now, limit)
     }
 
     /// Reserves room for `demand`, waiting at most `max_wait`.

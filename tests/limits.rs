@@ -454,6 +454,276 @@ async fn critical_traffic_is_never_shed_under_bulk_flood() {
 }
 
 // ---------------------------------------------------------------------------------------
+// 2b. the critical reserve is held only where critical traffic can go
+
+/// The sim and pacer quota of the reserve tests: 20 per 2 s per OAuth client.
+const RESERVE_QUOTA: u64 = 20;
+const RESERVE_WINDOW: Duration = Duration::from_secs(2);
+
+/// What the greedy callers of the reserve tests achieved: per OAuth client, the requests
+/// the simulator accepted over the steady state, and that span's length.
+struct SteadyState {
+    accepted: BTreeMap<String, u64>,
+    elapsed: Duration,
+    callers: BTreeMap<String, Tally>,
+}
+
+impl SteadyState {
+    /// Accepted ÷ (limit × elapsed / per): the share of the upstream's budget used.
+    fn utilization(&self, id: &str) -> f64 {
+        let budget =
+            RESERVE_QUOTA as f64 * self.elapsed.as_secs_f64() / RESERVE_WINDOW.as_secs_f64();
+        self.accepted.get(id).copied().unwrap_or(0) as f64 / budget
+    }
+}
+
+/// `callers` greedy callers per client send normal requests back to back through `/api/`
+/// (waiting in pacer's queue; a shed answer backs off min(Retry-After, 100 ms)). The first
+/// `RESERVE_QUOTA` callers of each client start a window apart in total, so their sends
+/// are spread over the window as in a long-running system; the rest start after it.
+/// After `warm`, the simulator's own counts are read twice, `measure` apart.
+async fn greedy_steady_state(
+    sim: &Simulator,
+    client: &Arc<TestClient>,
+    tokens: &[(String, String)],
+    callers: usize,
+    warm: Duration,
+    measure: Duration,
+) -> SteadyState {
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    for (id, token) in tokens {
+        for n in 0..callers {
+            let (client, token, id, stop) =
+                (client.clone(), token.clone(), id.clone(), stop.clone());
+            let offset =
+                RESERVE_WINDOW * (n.min(RESERVE_QUOTA as usize) as u32) / RESERVE_QUOTA as u32;
+            tasks.spawn(async move {
+                tokio::time::sleep_until(start + offset).await;
+                let mut t = Tally::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let req = client
+                        .request(Method::GET, "/api/v2/users")
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(empty())
+                        .unwrap();
+                    if let Some((ra, _)) = send_counted(&client, req, &mut t).await {
+                        let back_off = Duration::from_secs(ra).min(Duration::from_millis(100));
+                        tokio::time::sleep(back_off).await;
+                    }
+                }
+                (id, t)
+            });
+        }
+    }
+    tokio::time::sleep_until(start + warm).await;
+    let before = sim.stats();
+    let t0 = Instant::now();
+    tokio::time::sleep(measure).await;
+    let after = sim.stats();
+    let elapsed = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    // Callers still waiting in pacer's queue are not waited for.
+    let mut callers_seen: BTreeMap<String, Tally> = BTreeMap::new();
+    let collect = async {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok((id, t)) = done {
+                callers_seen.entry(id).or_default().add(&t);
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), collect).await;
+    tasks.abort_all();
+    let accepted = tokens
+        .iter()
+        .map(|(id, _)| {
+            let ok = |s: &pacer::sim::SimStats| s.clients.get(id).map_or(0, |c| c.ok);
+            (id.clone(), ok(&after) - ok(&before))
+        })
+        .collect();
+    SteadyState {
+        accepted,
+        elapsed,
+        callers: callers_seen,
+    }
+}
+
+fn reserve_sim_toml(ids: &[&str]) -> String {
+    let mut toml = format!(
+        "window = \"2s\"\nlatency = \"1ms\"\nclient_requests = {RESERVE_QUOTA}\n\
+         org_requests = 1000\ntoken_requests = 100\n"
+    );
+    for id in ids {
+        toml.push_str(&format!(
+            "\n[[client]]\nid = \"{id}\"\nsecret = \"{id}-secret\"\n"
+        ));
+    }
+    toml
+}
+
+const RESERVE_LIMITS: &str = "[[limit]]\nname = \"per-client\"\nupstream = \"api\"\n\
+     scope = \"client\"\nrequests = 20\nper = \"2s\"\n\n\
+     [[limit]]\nname = \"org\"\nupstream = \"api\"\nscope = \"global\"\n\
+     requests = 1000\nper = \"2s\"\n";
+
+/// With no critical route or client anywhere, normal traffic may use the whole quota: the
+/// default `critical_reserve` (0.2) is held nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
+    let _serial = serial();
+    within("no critical source", async {
+        let ids = ["greedy-0", "greedy-1", "greedy-2", "greedy-3"];
+        let sim = start_sim(&reserve_sim_toml(&ids)).await;
+        let pacer = start_pacer(&sim_pacer_config(
+            &sim,
+            &format!("[queue]\nmax_wait = \"10s\"\n\n{RESERVE_LIMITS}"),
+        ))
+        .await;
+        let client = Arc::new(TestClient::http1(pacer.proxy_addr));
+        let mut tokens = Vec::new();
+        for id in ids {
+            let token = token_via(&client, id, &format!("{id}-secret")).await;
+            tokens.push((id.to_string(), token));
+        }
+        let s = greedy_steady_state(
+            &sim,
+            &client,
+            &tokens,
+            50,
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+        )
+        .await;
+        let stats = sim.stats();
+        let st = status(&pacer).await;
+        eprintln!("no critical source: over {:?} {:?}", s.elapsed, s.accepted);
+        eprintln!("no critical source: callers {:?}", s.callers);
+        eprintln!("no critical source: sim {:?}", stats.total);
+        let mut total = 0.0;
+        for id in ids {
+            let u = s.utilization(id);
+            eprintln!("no critical source: {id} utilization {u:.3}");
+            total += u / ids.len() as f64;
+            assert!(u >= 0.95, "{id}: utilization {u:.3}");
+        }
+        eprintln!("no critical source: mean utilization {total:.3}");
+        assert!(total >= 0.97, "mean utilization {total:.3}");
+        assert_eq!(stats.total.too_many, 0, "upstream 429s: {stats:?}");
+        assert_eq!(st["critical_reserve"]["learned_count"], 0, "{st}");
+    })
+    .await;
+}
+
+/// A critical `/ivr/` route with `critical_reserve = 0.25`: three clients that only send
+/// normal traffic use their whole quota; the client whose IVR calls come through `/ivr/`
+/// keeps the reserve on its key, so its IVR is never refused nor kept waiting, while its
+/// own greedy job stops at 75%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
+    let _serial = serial();
+    within("critical route", async {
+        let ids = ["normal-0", "normal-1", "normal-2", "shared"];
+        let sim = start_sim(&reserve_sim_toml(&ids)).await;
+        let pacer = start_pacer(&sim_pacer_config(
+            &sim,
+            &format!(
+                "[[route]]\nprefix = \"/ivr/\"\nstrip_prefix = true\nupstream = \"api\"\n\
+                 priority = \"critical\"\n\n\
+                 [queue]\nmax_wait = \"10s\"\ncritical_reserve = 0.25\n\n{RESERVE_LIMITS}"
+            ),
+        ))
+        .await;
+        let client = Arc::new(TestClient::http1(pacer.proxy_addr));
+        let mut tokens = Vec::new();
+        for id in ids {
+            let token = token_via(&client, id, &format!("{id}-secret")).await;
+            tokens.push((id.to_string(), token));
+        }
+        // The IVR shares its OAuth client with a greedy job; it calls every 500 ms (4 per
+        // window, inside the 5 the reserve keeps), starting before the job.
+        let stop = Arc::new(AtomicBool::new(false));
+        let ivr = {
+            let (client, token, stop) = (client.clone(), tokens[3].1.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut t = Tally::default();
+                let mut tick = tokio::time::interval(Duration::from_millis(500));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let req = client
+                        .request(Method::GET, "/ivr/api/v2/conversations")
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(empty())
+                        .unwrap();
+                    send_counted(&client, req, &mut t).await;
+                }
+                t
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = greedy_steady_state(
+            &sim,
+            &client,
+            &tokens,
+            50,
+            Duration::from_secs(3),
+            Duration::from_secs(10),
+        )
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let ivr = ivr.await.expect("ivr caller");
+        let stats = sim.stats();
+        let st = status(&pacer).await;
+        let text = metrics(&pacer).await;
+        let buckets = [("upstream", "api"), ("priority", "critical")];
+        let within_250ms = metric_sum(
+            &text,
+            "pacer_queue_wait_seconds_bucket",
+            &[buckets[0], buckets[1], ("le", "0.25")],
+        );
+        let within_50ms = metric_sum(
+            &text,
+            "pacer_queue_wait_seconds_bucket",
+            &[buckets[0], buckets[1], ("le", "0.05")],
+        );
+        let waits = metric_sum(&text, "pacer_queue_wait_seconds_count", &buckets);
+        eprintln!("critical route: over {:?} {:?}", s.elapsed, s.accepted);
+        eprintln!("critical route: callers {:?}", s.callers);
+        eprintln!("critical route: ivr {ivr:?}, queue waits ≤50ms {within_50ms} ≤250ms {within_250ms} of {waits}");
+        eprintln!("critical route: sim {:?}", stats.total);
+        eprintln!("critical route: reserve {}", st["critical_reserve"]);
+        for id in &ids[..3] {
+            let u = s.utilization(id);
+            eprintln!("critical route: {id} utilization {u:.3}");
+            assert!(u >= 0.97, "{id}: utilization {u:.3}");
+        }
+        let shared = s.utilization("shared");
+        eprintln!("critical route: shared (job + IVR) utilization {shared:.3}");
+        // The reserve holds on the IVR's key: the job stops at 15 of 20 and the IVR's
+        // calls mostly take its room (without a reserve the job alone fills the key).
+        assert!(shared <= 0.85, "shared: {shared:.3}");
+        // The IVR: every call served by the upstream, none refused, none kept waiting.
+        assert!(ivr.sent >= 25, "{ivr:?}");
+        assert_eq!(ivr.ok, ivr.sent, "{ivr:?}");
+        assert_eq!(ivr.shed + ivr.upstream_429, 0, "{ivr:?}");
+        assert_eq!(waits as u64, ivr.ok, "critical waits recorded\n{text}");
+        assert!(within_250ms >= 0.99 * waits, "p99 queue wait over 250 ms\n{text}");
+        assert_eq!(stats.total.too_many, 0, "upstream 429s: {stats:?}");
+        // What holds the reserve: the IVR's client and the global key its calls count
+        // against, nothing else.
+        let mut learned: Vec<String> = st["critical_reserve"]["learned"]
+            .as_array()
+            .expect("learned keys")
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        learned.sort();
+        assert_eq!(learned, vec!["c:shared", "g:1"], "{st}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------
 // 3. disconnected waiters
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -619,3 +619,113 @@ async fn rediss_with_a_private_ca() {
     })
     .await;
 }
+
+/// A client seen sending critical traffic on one replica keeps the critical reserve on
+/// every replica: the learned set lives in Redis (a sorted set scored by last-seen time),
+/// and each replica reads it with its heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_critical_reserve_is_shared_by_every_replica() {
+    let _serial = SERIAL.lock().await;
+    within("shared reserve", async {
+        let redis = RedisServer::start();
+        let sim = one_client_sim("shared", 1000, "10s").await;
+        let config = format!(
+            r#"
+[[upstream]]
+name = "api"
+url = "http://{sim}"
+[[upstream]]
+name = "login"
+url = "http://{sim}"
+[[route]]
+prefix = "/"
+upstream = "api"
+[[route]]
+prefix = "/oauth/"
+upstream = "login"
+[[route]]
+prefix = "/ivr/"
+strip_prefix = true
+upstream = "api"
+priority = "critical"
+[identity]
+tokens_me = false
+[[limit]]
+name = "per-client"
+upstream = "api"
+scope = "client"
+requests = 10
+per = "20s"
+[queue]
+max_wait = "0s"
+critical_reserve = 0.5
+[state]
+backend = "redis"
+url = "{redis}"
+timeout = "500ms"
+"#,
+            sim = sim.addr(),
+            redis = redis.url()
+        );
+        let running = vec![
+            common::start_pacer(&config).await,
+            common::start_pacer(&config).await,
+        ];
+        wait_until_shared(&running).await;
+        let (a, b) = (&running[0], &running[1]);
+        // Each replica knows the tokens issued through it.
+        let auth_a = format!("Bearer {}", token(a.proxy_addr).await);
+        let auth = format!("Bearer {}", token(b.proxy_addr).await);
+        // One IVR call through replica a: the client is learned there and in Redis.
+        let reply = TestClient::http1(a.proxy_addr)
+            .get("/ivr/api/v2/conversations", &[("authorization", &auth_a)])
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        let learned = |s: serde_json::Value| {
+            s["critical_reserve"]["learned"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|v| v == "c:shared"))
+        };
+        assert!(learned(status(a).await));
+        // Replica b reads it within a heartbeat or two.
+        let started = Instant::now();
+        while !learned(status(b).await) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "replica b never learned the reserve: {}",
+                status(b).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let members = redis.cli(&["ZRANGE", "{pacer}:critical", "0", "-1"]);
+        assert!(members.contains("c:shared"), "{members}");
+        // Normal traffic through b stops at half the quota: 5 of 10, one taken by the IVR.
+        let client = TestClient::http1(b.proxy_addr);
+        let mut ok = 0;
+        for _ in 0..10 {
+            let reply = client
+                .get("/api/v2/users", &[("authorization", &auth)])
+                .await;
+            match reply.status {
+                StatusCode::OK => ok += 1,
+                StatusCode::TOO_MANY_REQUESTS => {
+                    assert!(reply.header("x-pacer-reason").is_some(), "{reply:?}")
+                }
+                s => panic!("unexpected {s}: {reply:?}"),
+            }
+        }
+        assert_eq!(
+            ok,
+            4,
+            "normal requests admitted through replica b: {}\n{}\n{}",
+            status(a).await,
+            status(b).await,
+            redis.cli(&["KEYS", "*"])
+        );
+        assert_eq!(sim.stats().total.too_many, 0);
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}
