@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 /// Longest member name taken from a shared store; anything longer is not pacer's.
-const MAX_MEMBER_BYTES: usize = 1024;
+pub const MAX_MEMBER_BYTES: usize = 1024;
 
 /// Which configured sources can send critical traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]

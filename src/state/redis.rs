@@ -574,6 +574,9 @@ impl RedisBackend {
             let age_ms = redis_now.saturating_sub(score.max(0.0) as u64);
             let at = now.saturating_sub(age_ms.saturating_mul(1_000_000));
             let inbox = &mut critical.1;
+            if pair[0].len() > crate::reserve::MAX_MEMBER_BYTES {
+                continue;
+            }
             if let Some(seen) = inbox.get_mut(&pair[0]) {
                 *seen = (*seen).max(at);
             } else if inbox.len() < self.max_keys {
