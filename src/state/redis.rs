@@ -1162,8 +1162,10 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                     replicas.max(1)
                 };
                 b.peers_back.store(fresh >= replicas, Ordering::SeqCst);
-                // What the replicas learned about critical traffic; a failure is no outage.
-                match tokio::time::timeout(timeout, b.refresh_critical(&mut conn)).await {
+                // What the replicas learned about critical traffic (two round trips); a
+                // failure is no outage, and a slow read does not hold up the next beat.
+                let read = tokio::time::timeout(b.cfg.timeout.0 * 2, b.refresh_critical(&mut conn));
+                match read.await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::debug!(error = %e, "reading the critical set"),
                     Err(_) => tracing::debug!("reading the critical set: timeout"),
