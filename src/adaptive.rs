@@ -1,29 +1,174 @@
-//! Adaptive mode: when more than `threshold` of a client's answers from an upstream are
-//! 429 within a minute, pacer's configured limits are evidently looser than the upstream's
-//! for that client; its rate ceilings are cut by `cut` for `hold`, then restored.
+//! Adaptive mode: converge on the budget an upstream really grants a client, when it is
+//! smaller than the configured one (someone else uses the same OAuth client, or the
+//! upstream lowered its limit).
+//!
+//! Two inputs, per (upstream, client):
+//! - **429 episodes.** A 429 to a request admitted under the limits now in force (same
+//!   [`Generation`]) is a new episode, if more than `threshold` of the client's answers in
+//!   the minute were 429s; it cuts the effective rate by `cut`, never below `floor`. 429s to
+//!   requests admitted before that cut belong to the same episode (one burst, one cut).
+//!   After `hold` without an episode the rate recovers by `recover` of the configured rate
+//!   per minute, but stays at the rate of the last episode until `hold` passes once more.
+//! - **`inin-ratelimit-allowed`.** The upstream's own statement of the client's budget caps
+//!   the client's per-client layer at min(configured, allowed) until an answer reports
+//!   another value, or `hold` passes without a report.
+//!
+//! The rate is a pure function of the state and `now` ([`Track::factor`]), so the
+//! schedule is exact under tokio's paused clock.
 
 use crate::config::AdaptiveConfig;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// Length of the window the 429 share is measured over.
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// Recovery rates are given per minute.
+const MINUTE: f64 = 60.0;
+
+/// Who a cut applies to: an upstream index and a caller key.
+pub type ClientKey = (usize, Arc<str>);
+
+/// Which limits were in force when a request was admitted: bumped by every cut and every
+/// lower learned ceiling, so 429s to requests sent before them are not counted again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generation(pub u64);
+
+/// What a request of one client may use now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scale {
+    /// Share of every rate ceiling (the 429-driven cut); 1.0 without one.
+    pub rate: f64,
+    /// Share of the per-client layer's ceiling (the learned `inin-ratelimit-allowed`).
+    pub client: f64,
+    pub generation: Generation,
+}
+
+impl Scale {
+    /// No cut, nothing learned.
+    pub const FULL: Scale = Scale {
+        rate: 1.0,
+        client: 1.0,
+        generation: Generation(0),
+    };
+}
+
+/// A learned `inin-ratelimit-allowed` ceiling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ceiling {
+    /// The reported budget, requests per window.
+    pub allowed: u64,
+    /// Its share of the configured value, in [floor, 1).
+    pub share: f64,
+    /// Last answer that reported it.
+    pub seen: Instant,
+}
+
+/// The state of one (upstream, client).
 #[derive(Debug, Clone, Copy)]
 struct Track {
     since: Instant,
     answers: u64,
     too_many: u64,
-    cut_until: Option<Instant>,
+    generation: u64,
+    /// 429 episodes so far.
+    cuts: u64,
+    /// The factor right after the last cut.
+    base: f64,
+    /// The factor in force when the last episode happened: recovery stops there for a hold.
+    at_429: f64,
+    /// When the last episode cut.
+    last_429: Option<Instant>,
+    ceiling: Option<Ceiling>,
 }
 
-/// Upstream 429 shares per (upstream, client) and the cuts they caused.
+impl Track {
+    fn new(now: Instant) -> Track {
+        Track {
+            since: now,
+            answers: 0,
+            too_many: 0,
+            generation: 0,
+            cuts: 0,
+            base: 1.0,
+            at_429: 1.0,
+            last_429: None,
+            ceiling: None,
+        }
+    }
+
+    /// The cut factor at `now`: `base` during the hold, then a ramp of `recover` per
+    /// minute that pauses for another hold at `at_429`, then goes on to 1.
+    fn factor(&self, cfg: &AdaptiveConfig, now: Instant) -> f64 {
+        let Some(cut_at) = self.last_429 else {
+            return 1.0;
+        };
+        let hold = cfg.hold.0;
+        let ramp_from = cut_at + hold;
+        if now <= ramp_from {
+            return self.base;
+        }
+        let per_sec = cfg.recover / MINUTE;
+        let ramped = |from: Instant, level: f64| {
+            level + per_sec * now.saturating_duration_since(from).as_secs_f64()
+        };
+        let level = ramped(ramp_from, self.base);
+        if level < self.at_429 {
+            return level;
+        }
+        let to_cap = Duration::try_from_secs_f64((self.at_429 - self.base).max(0.0) / per_sec)
+            .unwrap_or(Duration::MAX);
+        let Some(plateau_end) = ramp_from
+            .checked_add(to_cap)
+            .and_then(|t| t.checked_add(hold))
+        else {
+            return self.at_429;
+        };
+        if now <= plateau_end {
+            return self.at_429;
+        }
+        ramped(plateau_end, self.at_429).min(1.0)
+    }
+
+    /// The learned ceiling's share, while it lasts.
+    fn ceiling_share(&self, cfg: &AdaptiveConfig, now: Instant) -> f64 {
+        self.ceiling
+            .filter(|c| now.saturating_duration_since(c.seen) < cfg.hold.0)
+            .map_or(1.0, |c| c.share)
+    }
+
+    /// True while this track limits anything or its minute is still counting.
+    fn live(&self, cfg: &AdaptiveConfig, now: Instant) -> bool {
+        self.factor(cfg, now) < 1.0
+            || self.ceiling_share(cfg, now) < 1.0
+            || now.saturating_duration_since(self.since) < WINDOW
+    }
+}
+
+/// Cuts and learned ceilings per (upstream, client).
 pub struct Adaptive {
     cfg: AdaptiveConfig,
     max_keys: usize,
-    tracks: Mutex<HashMap<(usize, Arc<str>), Track>>,
+    tracks: Mutex<HashMap<ClientKey, Track>>,
+}
+
+/// One client's adaptive state, for `/status` and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub key: ClientKey,
+    /// Share of the configured rate the 429 cuts leave now (1.0: none).
+    pub factor: f64,
+    /// Cuts so far (429 episodes).
+    pub cuts: u64,
+    /// Time until recovery begins, if it has not.
+    pub hold_left: Duration,
+    /// The learned `inin-ratelimit-allowed` ceiling, while it lasts.
+    pub allowed: Option<u64>,
+    /// Share of its configured size the per-client layer may use now: the cut or the
+    /// learned ceiling, whichever is lower.
+    pub client_share: f64,
 }
 
 impl Adaptive {
@@ -36,122 +181,151 @@ impl Adaptive {
         }
     }
 
-    /// Counts one upstream answer for `client`; a 429 share over the threshold starts a cut.
-    pub fn observe(&self, upstream: usize, client: &Arc<str>, too_many: bool) {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ClientKey, Track>> {
+        // Plain numbers; after a panic elsewhere keep using them.
+        self.tracks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The track of `key`, made if there is room: the map stays within `max_keys` by
+    /// forgetting clients that limit nothing and were not seen within a minute.
+    fn track<'a>(
+        &self,
+        tracks: &'a mut HashMap<ClientKey, Track>,
+        key: &ClientKey,
+        now: Instant,
+    ) -> Option<&'a mut Track> {
+        if tracks.len() >= self.max_keys && !tracks.contains_key(key) {
+            let cfg = &self.cfg;
+            tracks.retain(|_, t| t.live(cfg, now));
+            if tracks.len() >= self.max_keys {
+                return None;
+            }
+        }
+        Some(tracks.entry(key.clone()).or_insert_with(|| Track::new(now)))
+    }
+
+    /// Counts one upstream answer to a request admitted under `admitted`; a 429 of the
+    /// current generation with the share over the threshold is a new episode and cuts.
+    pub fn observe(&self, key: &ClientKey, too_many: bool, admitted: Generation) {
         if !self.cfg.enabled {
             return;
         }
         let now = Instant::now();
-        let Ok(mut tracks) = self.tracks.lock() else {
+        let cfg = &self.cfg;
+        let mut tracks = self.lock();
+        let Some(t) = self.track(&mut tracks, key, now) else {
             return;
         };
-        if tracks.len() >= self.max_keys && !tracks.contains_key(&(upstream, client.clone())) {
-            // Keep the map bounded: forget clients that are neither cut nor recently seen.
-            tracks.retain(|_, t| t.cut_until.is_some_and(|u| u > now) || now - t.since < WINDOW);
-            if tracks.len() >= self.max_keys {
-                return;
-            }
-        }
-        let t = tracks.entry((upstream, client.clone())).or_insert(Track {
-            since: now,
-            answers: 0,
-            too_many: 0,
-            cut_until: None,
-        });
-        if now - t.since >= WINDOW {
+        if now.saturating_duration_since(t.since) >= WINDOW {
             t.since = now;
             t.answers = 0;
             t.too_many = 0;
         }
-        t.answers += 1;
-        t.too_many += u64::from(too_many);
+        t.answers = t.answers.saturating_add(1);
+        t.too_many = t.too_many.saturating_add(u64::from(too_many));
         let share = t.too_many as f64 / t.answers as f64;
-        if too_many && t.answers >= self.cfg.min_answers && share > self.cfg.threshold {
-            let was_cut = t.cut_until.is_some_and(|u| u > now);
-            t.cut_until = Some(now + self.cfg.hold.0);
-            if !was_cut {
-                tracing::warn!(%client, share, "upstream 429s over the threshold: cutting the client's rate");
+        if !too_many
+            || admitted.0 != t.generation
+            || t.answers < cfg.min_answers
+            || share <= cfg.threshold
+        {
+            return;
+        }
+        // The rate the upstream refused: the cut factor or the learned ceiling, whichever
+        // held this client back.
+        let effective = t.factor(cfg, now).min(t.ceiling_share(cfg, now));
+        t.at_429 = effective;
+        t.base = (effective * (1.0 - cfg.cut)).max(cfg.floor).min(effective);
+        t.last_429 = Some(now);
+        t.generation = t.generation.wrapping_add(1);
+        t.cuts = t.cuts.saturating_add(1);
+        tracing::warn!(
+            client = %key.1,
+            factor = t.base,
+            share,
+            "upstream 429 episode: cutting the client's rate"
+        );
+    }
+
+    /// The upstream reported the client's budget (`inin-ratelimit-allowed`) for a
+    /// per-client layer configured at `configured` requests per window: caps it at
+    /// min(configured, allowed), never above, never below `floor` of it.
+    pub fn learn_allowed(&self, key: &ClientKey, allowed: u64, configured: u64) {
+        if !self.cfg.enabled || configured == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let cfg = &self.cfg;
+        let share = (allowed as f64 / configured as f64).clamp(cfg.floor, 1.0);
+        let mut tracks = self.lock();
+        if share >= 1.0 {
+            // Another value ends a learned ceiling; an unlimited one never starts one.
+            if let Some(t) = tracks.get_mut(key) {
+                t.ceiling = None;
             }
+            return;
         }
+        let Some(t) = self.track(&mut tracks, key, now) else {
+            return;
+        };
+        if share < t.ceiling_share(cfg, now) {
+            // Requests in flight were admitted under the looser ceiling: their 429s are
+            // not evidence against this one.
+            t.generation = t.generation.wrapping_add(1);
+        }
+        t.ceiling = Some(Ceiling {
+            allowed: allowed.min(configured),
+            share,
+            seen: now,
+        });
     }
 
-    /// The share of its rate ceilings `client` may use on `upstream` now.
-    pub fn scale(&self, upstream: usize, client: &Arc<str>) -> f64 {
+    /// What `key` may use on its limits now.
+    pub fn scale(&self, key: &ClientKey) -> Scale {
         if !self.cfg.enabled {
-            return 1.0;
+            return Scale::FULL;
         }
         let now = Instant::now();
-        let cut = self
-            .tracks
-            .lock()
-            .ok()
-            .and_then(|t| t.get(&(upstream, client.clone())).and_then(|t| t.cut_until))
-            .is_some_and(|until| until > now);
-        if cut {
-            1.0 - self.cfg.cut
-        } else {
-            1.0
-        }
+        self.lock().get(key).map_or(Scale::FULL, |t| Scale {
+            rate: t.factor(&self.cfg, now),
+            client: t.ceiling_share(&self.cfg, now),
+            generation: Generation(t.generation),
+        })
     }
 
-    /// Clients under a cut now, with the time left.
-    pub fn cuts(&self) -> Vec<((usize, Arc<str>), Duration)> {
+    /// Clients limited now, by a cut or a learned ceiling.
+    pub fn reports(&self) -> Vec<Report> {
         let now = Instant::now();
-        self.tracks
-            .lock()
-            .map(|t| {
-                t.iter()
-                    .filter_map(|(k, t)| {
-                        Some((k.clone(), t.cut_until?.checked_duration_since(now)?))
-                    })
-                    .collect()
+        let cfg = &self.cfg;
+        self.lock()
+            .iter()
+            .filter(|(_, t)| t.factor(cfg, now) < 1.0 || t.ceiling_share(cfg, now) < 1.0)
+            .map(|(k, t)| Report {
+                key: k.clone(),
+                factor: t.factor(cfg, now),
+                cuts: t.cuts,
+                hold_left: t
+                    .last_429
+                    .and_then(|at| (at + cfg.hold.0).checked_duration_since(now))
+                    .unwrap_or_default(),
+                allowed: (t.ceiling_share(cfg, now) < 1.0)
+                    .then_some(t.ceiling.map(|c| c.allowed))
+                    .flatten(),
+                client_share: t.factor(cfg, now).min(t.ceiling_share(cfg, now)),
             })
-            .unwrap_or_default()
+            .collect()
+    }
+
+    /// Clients tracked now (bounded by `max_keys`).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no client is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Dur;
-
-    fn adaptive() -> Adaptive {
-        Adaptive::new(
-            AdaptiveConfig {
-                enabled: true,
-                threshold: 0.01,
-                cut: 0.2,
-                hold: Dur::secs(3600),
-                min_answers: 100,
-            },
-            1000,
-        )
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cuts_after_one_percent_429s_and_recovers_after_the_hold() {
-        let a = adaptive();
-        let c: Arc<str> = Arc::from("client");
-        for _ in 0..198 {
-            a.observe(0, &c, false);
-        }
-        a.observe(0, &c, true);
-        assert_eq!(a.scale(0, &c), 1.0, "0.5% is under the threshold");
-        a.observe(0, &c, true);
-        a.observe(0, &c, true);
-        assert_eq!(a.scale(0, &c), 0.8);
-        assert_eq!(a.scale(1, &c), 1.0, "only that upstream");
-        tokio::time::advance(Duration::from_secs(3601)).await;
-        assert_eq!(a.scale(0, &c), 1.0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_few_answers_are_not_evidence() {
-        let a = adaptive();
-        let c: Arc<str> = Arc::from("client");
-        for _ in 0..10 {
-            a.observe(0, &c, true);
-        }
-        assert_eq!(a.scale(0, &c), 1.0);
-    }
-}
+mod tests;

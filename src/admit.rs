@@ -54,10 +54,14 @@ impl Stage for Admit {
                 proxy
                     .admission
                     .demand(upstream, &caller.key, req.method(), &m.path, priority);
-            demand.rate_scale = proxy.adaptive.scale(upstream, &caller.key);
+            let scale = proxy.adaptive.scale(&(upstream, caller.key.clone()));
+            demand.rate_scale = scale.rate;
+            demand.client_scale = scale.client;
             let _ = labels.endpoint.set(demand.endpoint.label.clone());
             let mut req = req;
             req.extensions_mut().insert(Admitted(demand.layers.clone()));
+            // The limits this request is admitted under, so its 429 is judged against them.
+            req.extensions_mut().insert(scale.generation);
             let max_wait = m.route.max_wait.unwrap_or(proxy.config.queue.max_wait.0);
             let reservation = proxy
                 .admission

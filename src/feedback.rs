@@ -1,6 +1,7 @@
 //! Learning from upstream answers: a 429 with `Retry-After` pauses that caller's key on
 //! that upstream; a token issued through pacer is remembered (hashed) with its client.
 
+use crate::adaptive::Generation;
 use crate::admit::Admitted;
 use crate::answer::{collect_limited, full, ProxyBody};
 use crate::broker::BrokerKey;
@@ -81,6 +82,20 @@ pub fn upstream_count(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Largest `inin-ratelimit-allowed` taken at face value; anything larger is no ceiling.
+const MAX_ALLOWED: u64 = 1 << 40;
+
+/// The budget the upstream reports for the caller's own per-client window
+/// (`inin-ratelimit-allowed`), if it sent a plain number. Untrusted: anything but ASCII
+/// digits is ignored, huge values are capped (a cap above the configured value is no cap).
+pub fn upstream_allowed(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get("inin-ratelimit-allowed")?.to_str().ok()?.trim();
+    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.parse::<u64>().unwrap_or(MAX_ALLOWED).min(MAX_ALLOWED))
+}
+
 /// The learning stage.
 pub struct Learn {
     proxy: Arc<Proxy>,
@@ -100,6 +115,11 @@ impl Stage for Learn {
             let m = req.extensions().get::<RouteMatch>().cloned();
             let caller = req.extensions().get::<Caller>().cloned();
             let admitted = req.extensions().get::<Admitted>().cloned();
+            let generation = req
+                .extensions()
+                .get::<Generation>()
+                .copied()
+                .unwrap_or_default();
             let broker_key = req.extensions().get::<BrokerKey>().copied();
             let labels = req
                 .extensions()
@@ -123,10 +143,23 @@ impl Stage for Learn {
             if let (Some(used), Some(admitted)) = (upstream_count(resp.headers()), &admitted) {
                 proxy.admission.upstream_count(&admitted.0, used);
             }
+            let client_key = (m.route.upstream, caller.key.clone());
+            if let (Some(allowed), Some(admitted)) = (upstream_allowed(resp.headers()), &admitted) {
+                // The reported budget is the caller's own per-client one: it caps only that
+                // layer, relative to its configured (pre-headroom) size.
+                let set = proxy.admission.limits();
+                let configured = set
+                    .per_client(&admitted.0)
+                    .and_then(|i| proxy.config.limits.get(admitted.0[i].limit))
+                    .and_then(|l| l.requests);
+                if let Some(configured) = configured {
+                    proxy.adaptive.learn_allowed(&client_key, allowed, configured);
+                }
+            }
             proxy.adaptive.observe(
-                m.route.upstream,
-                &caller.key,
+                &client_key,
                 status == StatusCode::TOO_MANY_REQUESTS,
+                generation,
             );
             if status == StatusCode::TOO_MANY_REQUESTS {
                 let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
@@ -197,5 +230,23 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert("retry-after", HeaderValue::from_static("99999999"));
         assert_eq!(retry_after(&h), Some(MAX_PAUSE));
+    }
+
+    #[test]
+    fn allowed_is_a_plain_clamped_number() {
+        let allowed = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("inin-ratelimit-allowed", HeaderValue::from_static(v));
+            upstream_allowed(&h)
+        };
+        assert_eq!(allowed(" 300 "), Some(300));
+        assert_eq!(allowed("0"), Some(0));
+        assert_eq!(allowed("18446744073709551615"), Some(MAX_ALLOWED));
+        assert_eq!(allowed("99999999999999999999"), Some(MAX_ALLOWED));
+        assert_eq!(allowed("999999999999999999999999"), None);
+        for bad in ["-1", "+5", "1e3", "3.5", "", "ten", "0x10"] {
+            assert_eq!(allowed(bad), None, "{bad:?}");
+        }
+        assert_eq!(upstream_allowed(&HeaderMap::new()), None);
     }
 }

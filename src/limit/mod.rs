@@ -136,14 +136,27 @@ impl LimitSet {
                     }
                 },
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let client_layer = self.per_client(&layers);
         Demand {
             upstream,
             layers,
             priority,
             endpoint,
             rate_scale: 1.0,
+            client_scale: 1.0,
+            client_layer,
         }
+    }
+
+    /// Index among `layers` of the caller's per-client rate layer: the first client-scope
+    /// rate limit without a `match`, the one the upstream's `inin-ratelimit-*` headers
+    /// describe.
+    pub fn per_client(&self, layers: &[LayerKey]) -> Option<usize> {
+        layers.iter().position(|l| {
+            let spec = &self.specs[l.limit];
+            spec.scope == Scope::Client && spec.template.is_none() && spec.ceilings.is_some()
+        })
     }
 }
 
@@ -185,6 +198,22 @@ pub struct Demand {
     /// Share of every rate ceiling this request may use (adaptive mode cuts it after
     /// upstream 429s); 1.0 normally.
     pub rate_scale: f64,
+    /// Share of the per-client layer's ceiling the upstream reports as the client's budget
+    /// (`inin-ratelimit-allowed`); 1.0 normally.
+    pub client_scale: f64,
+    /// Index in `layers` of the per-client layer ([`LimitSet::per_client`]).
+    pub client_layer: Option<usize>,
+}
+
+impl Demand {
+    /// Share of its rate ceiling the `i`-th layer allows this request.
+    pub fn scale_of(&self, i: usize) -> f64 {
+        if self.client_layer == Some(i) {
+            self.rate_scale.min(self.client_scale)
+        } else {
+            self.rate_scale
+        }
+    }
 }
 
 /// Room taken by one admitted request; give it back with [`Ledger::refund`] or
@@ -263,13 +292,13 @@ impl Ledger {
     ) -> Result<Taken, Blocked> {
         let class = demand.priority.index();
         let mut blocked: Option<Blocked> = None;
-        for layer in &demand.layers {
+        for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
             let counter = self.counters.entry(layer.clone()).or_default();
             let ahead = queued_ahead(layer);
             if let Some(ceil) = spec.ceilings {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil[class], demand.rate_scale);
+                let ceil = scaled(ceil[class], demand.scale_of(i));
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, ahead);
                 if wait > 0 {
                     let worse = match &blocked {
@@ -441,13 +470,13 @@ impl Ledger {
     }
 
     /// The rate layer of the demand's layers with the least room left for its priority
-    /// class (its share of the quota, as cut by `rate_scale`, not the whole).
+    /// class (its share of the quota, as cut by adaptive mode, not the whole).
     pub fn tightest(&mut self, set: &LimitSet, now: Nanos, demand: &Demand) -> Option<Headroom> {
         let class = demand.priority.index();
         let mut best: Option<Headroom> = None;
-        for layer in &demand.layers {
+        for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
-            let Some(quota) = spec.ceilings.map(|c| scaled(c[class], demand.rate_scale)) else {
+            let Some(quota) = spec.ceilings.map(|c| scaled(c[class], demand.scale_of(i))) else {
                 continue;
             };
             let (used, oldest) = match self.counters.get_mut(layer) {

@@ -560,9 +560,14 @@ impl RedisBackend {
                 .and_then(|i| ahead.get(i))
                 .copied()
                 .unwrap_or(0);
+            let scale = demand
+                .layers
+                .iter()
+                .position(|l| l == layer)
+                .map_or(demand.rate_scale, |i| demand.scale_of(i));
             let (kind, ceil, span, quota) = match (cap, spec.ceilings, spec.concurrency) {
                 (false, Some(c), _) => {
-                    let ceil = scaled(c[class], demand.rate_scale);
+                    let ceil = scaled(c[class], scale);
                     (1, ceil, spec.window / 1000, ceil)
                 }
                 (true, _, Some(c)) => (2, c[class], lease, c[0]),
@@ -797,11 +802,16 @@ impl Backend for RedisBackend {
                 }
                 let headroom = (v[2] > 0 && v[3] >= 0).then(|| {
                     let layer = layer_at(v[2]);
+                    let scale = demand
+                        .layers
+                        .iter()
+                        .position(|l| *l == layer)
+                        .map_or(demand.rate_scale, |i| demand.scale_of(i));
                     Headroom {
                         limit: layer.limit,
                         quota: self.set.specs[layer.limit]
                             .ceilings
-                            .map_or(0, |c| scaled(c[demand.priority.index()], demand.rate_scale)),
+                            .map_or(0, |c| scaled(c[demand.priority.index()], scale)),
                         remaining: v[3] as u64,
                         reset: Duration::from_micros(v[4].max(0) as u64),
                     }
