@@ -18,6 +18,7 @@
 
 use crate::config::AdaptiveConfig;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -81,7 +82,13 @@ struct Track {
     at_429: f64,
     /// When the last episode cut.
     last_429: Option<Instant>,
+    /// The same as wall-clock milliseconds, for sharing with other replicas.
+    last_429_wall: u64,
     ceiling: Option<Ceiling>,
+    /// `ceiling.seen` as wall-clock milliseconds.
+    seen_wall: u64,
+    /// When this replica last shared the state.
+    published: Option<Instant>,
 }
 
 impl Track {
@@ -95,7 +102,10 @@ impl Track {
             base: 1.0,
             at_429: 1.0,
             last_429: None,
+            last_429_wall: 0,
             ceiling: None,
+            seen_wall: 0,
+            published: None,
         }
     }
 
@@ -152,6 +162,8 @@ pub struct Adaptive {
     cfg: AdaptiveConfig,
     max_keys: usize,
     tracks: Mutex<HashMap<ClientKey, Track>>,
+    /// Version of the replicas' shared state merged last ([`Adaptive::merge`]).
+    merged: AtomicU64,
 }
 
 /// One client's adaptive state, for `/status` and metrics.
@@ -178,6 +190,7 @@ impl Adaptive {
             cfg,
             max_keys,
             tracks: Mutex::new(HashMap::new()),
+            merged: AtomicU64::new(0),
         }
     }
 
@@ -206,15 +219,16 @@ impl Adaptive {
 
     /// Counts one upstream answer to a request admitted under `admitted`; a 429 of the
     /// current generation with the share over the threshold is a new episode and cuts.
-    pub fn observe(&self, key: &ClientKey, too_many: bool, admitted: Generation) {
+    /// True when it cut (the state is worth sharing).
+    pub fn observe(&self, key: &ClientKey, too_many: bool, admitted: Generation) -> bool {
         if !self.cfg.enabled {
-            return;
+            return false;
         }
         let now = Instant::now();
         let cfg = &self.cfg;
         let mut tracks = self.lock();
         let Some(t) = self.track(&mut tracks, key, now) else {
-            return;
+            return false;
         };
         if now.saturating_duration_since(t.since) >= WINDOW {
             t.since = now;
@@ -229,7 +243,7 @@ impl Adaptive {
             || t.answers < cfg.min_answers
             || share <= cfg.threshold
         {
-            return;
+            return false;
         }
         // The rate the upstream refused: the cut factor or the learned ceiling, whichever
         // held this client back.
@@ -237,6 +251,8 @@ impl Adaptive {
         t.at_429 = effective;
         t.base = (effective * (1.0 - cfg.cut)).max(cfg.floor).min(effective);
         t.last_429 = Some(now);
+        t.last_429_wall = wall_ms();
+        t.published = Some(now);
         t.generation = t.generation.wrapping_add(1);
         t.cuts = t.cuts.saturating_add(1);
         tracing::warn!(
@@ -245,14 +261,16 @@ impl Adaptive {
             share,
             "upstream 429 episode: cutting the client's rate"
         );
+        true
     }
 
     /// The upstream reported the client's budget (`inin-ratelimit-allowed`) for a
     /// per-client layer configured at `configured` requests per window: caps it at
-    /// min(configured, allowed), never above, never below `floor` of it.
-    pub fn learn_allowed(&self, key: &ClientKey, allowed: u64, configured: u64) {
+    /// min(configured, allowed), never above, never below `floor` of it. True when the
+    /// state is worth sharing (a new value, or the last share is getting old).
+    pub fn learn_allowed(&self, key: &ClientKey, allowed: u64, configured: u64) -> bool {
         if !self.cfg.enabled || configured == 0 {
-            return;
+            return false;
         }
         let now = Instant::now();
         let cfg = &self.cfg;
@@ -260,15 +278,21 @@ impl Adaptive {
         let mut tracks = self.lock();
         if share >= 1.0 {
             // Another value ends a learned ceiling; an unlimited one never starts one.
-            if let Some(t) = tracks.get_mut(key) {
-                t.ceiling = None;
-            }
-            return;
+            return match tracks.get_mut(key) {
+                Some(t) if t.ceiling.is_some() => {
+                    t.ceiling = None;
+                    t.seen_wall = wall_ms();
+                    t.published = Some(now);
+                    true
+                }
+                _ => false,
+            };
         }
         let Some(t) = self.track(&mut tracks, key, now) else {
-            return;
+            return false;
         };
-        if share < t.ceiling_share(cfg, now) {
+        let current = t.ceiling_share(cfg, now);
+        if share < current {
             // Requests in flight were admitted under the looser ceiling: their 429s are
             // not evidence against this one.
             t.generation = t.generation.wrapping_add(1);
@@ -278,6 +302,15 @@ impl Adaptive {
             share,
             seen: now,
         });
+        t.seen_wall = wall_ms();
+        let stale = t
+            .published
+            .is_none_or(|p| now.saturating_duration_since(p) >= cfg.hold.0 / 4);
+        let publish = share != current || stale;
+        if publish {
+            t.published = Some(now);
+        }
+        publish
     }
 
     /// What `key` may use on its limits now.
@@ -316,6 +349,89 @@ impl Adaptive {
             .collect()
     }
 
+    /// How long a shared state stays worth reading: a hold, the slowest full recovery,
+    /// and the hold at the rate of the last 429.
+    pub fn shared_ttl(&self) -> Duration {
+        let recovery = Duration::try_from_secs_f64(MINUTE / self.cfg.recover.max(1e-3))
+            .unwrap_or(Duration::from_secs(3600));
+        self.cfg.hold.0.saturating_mul(2).saturating_add(recovery)
+    }
+
+    /// `key`'s state as other replicas read it: a field name and a value.
+    pub fn export(&self, key: &ClientKey) -> Option<(String, String)> {
+        let tracks = self.lock();
+        let t = tracks.get(key)?;
+        let shared = SharedTrack {
+            base: t.base,
+            at_429: t.at_429,
+            cut_ms: t.last_429.map(|_| t.last_429_wall),
+            cuts: t.cuts,
+            allowed: t.ceiling.map(|c| c.allowed),
+            share: t.ceiling.map(|c| c.share),
+            seen_ms: t.seen_wall,
+        };
+        let value = serde_json::to_string(&shared).ok()?;
+        Some((format!("{}:{}", key.0, key.1), value))
+    }
+
+    /// Merges what other replicas shared (`version` changes when `entries` do): a newer
+    /// cut or a newer ceiling report than this replica's own is taken over, so replicas
+    /// do not each rediscover the budget with 429s of their own.
+    pub fn merge(&self, version: u64, entries: &[(String, String)]) {
+        if !self.cfg.enabled || self.merged.swap(version, Ordering::Relaxed) == version {
+            return;
+        }
+        let now = Instant::now();
+        let wall_now = wall_ms();
+        let at = |ms: u64| now.checked_sub(Duration::from_millis(wall_now.saturating_sub(ms)));
+        let cfg = &self.cfg;
+        let mut tracks = self.lock();
+        for (field, value) in entries {
+            let Some((upstream, client)) = field.split_once(':') else {
+                continue;
+            };
+            let (Ok(upstream), Ok(s)) = (
+                upstream.parse::<usize>(),
+                serde_json::from_str::<SharedTrack>(value),
+            ) else {
+                continue;
+            };
+            // Written by a replica, but read back from the network: keep it in range.
+            let base = s.base.clamp(cfg.floor, 1.0);
+            let at_429 = s.at_429.clamp(base, 1.0);
+            let key: ClientKey = (upstream, Arc::from(client));
+            let Some(t) = self.track(&mut tracks, &key, now) else {
+                continue;
+            };
+            if let Some(cut_ms) = s.cut_ms.filter(|&ms| ms > t.last_429_wall) {
+                if let Some(cut_at) = at(cut_ms) {
+                    t.base = base;
+                    t.at_429 = at_429;
+                    t.last_429 = Some(cut_at);
+                    t.last_429_wall = cut_ms;
+                    t.cuts = t.cuts.max(s.cuts);
+                    t.generation = t.generation.wrapping_add(1);
+                }
+            }
+            if s.seen_ms > t.seen_wall {
+                let before = t.ceiling_share(cfg, now);
+                let seen = at(s.seen_ms);
+                t.ceiling = match (s.allowed, s.share, seen) {
+                    (Some(allowed), Some(share), Some(seen)) => Some(Ceiling {
+                        allowed,
+                        share: share.clamp(cfg.floor, 1.0),
+                        seen,
+                    }),
+                    _ => None,
+                };
+                t.seen_wall = s.seen_ms;
+                if t.ceiling_share(cfg, now) < before {
+                    t.generation = t.generation.wrapping_add(1);
+                }
+            }
+        }
+    }
+
     /// Clients tracked now (bounded by `max_keys`).
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -325,6 +441,28 @@ impl Adaptive {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// One client's state as replicas share it (in Redis, as JSON).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SharedTrack {
+    base: f64,
+    at_429: f64,
+    /// Wall-clock milliseconds of the last cut.
+    cut_ms: Option<u64>,
+    cuts: u64,
+    allowed: Option<u64>,
+    share: Option<f64>,
+    /// Wall-clock milliseconds of the last ceiling report.
+    seen_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch: replicas' instants are their own, wall clocks are
+/// shared (to well within the seconds a hold lasts).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

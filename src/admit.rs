@@ -54,6 +54,8 @@ impl Stage for Admit {
                 proxy
                     .admission
                     .demand(upstream, &caller.key, req.method(), &m.path, priority);
+            let (version, shared) = proxy.admission.shared_adaptive();
+            proxy.adaptive.merge(version, &shared);
             let scale = proxy.adaptive.scale(&(upstream, caller.key.clone()));
             demand.rate_scale = scale.rate;
             demand.client_scale = scale.client;

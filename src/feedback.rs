@@ -153,14 +153,18 @@ impl Stage for Learn {
                     .and_then(|i| proxy.config.limits.get(admitted.0[i].limit))
                     .and_then(|l| l.requests);
                 if let Some(configured) = configured {
-                    proxy.adaptive.learn_allowed(&client_key, allowed, configured);
+                    if proxy.adaptive.learn_allowed(&client_key, allowed, configured) {
+                        share_adaptive(proxy, &client_key);
+                    }
                 }
             }
-            proxy.adaptive.observe(
+            if proxy.adaptive.observe(
                 &client_key,
                 status == StatusCode::TOO_MANY_REQUESTS,
                 generation,
-            );
+            ) {
+                share_adaptive(proxy, &client_key);
+            }
             if status == StatusCode::TOO_MANY_REQUESTS {
                 let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
                 tracing::info!(client = %caller.label, ?wait, "upstream asked for a pause");
@@ -173,6 +177,15 @@ impl Stage for Learn {
             }
             Ok(resp)
         })
+    }
+}
+
+/// Tells the other replicas (in Redis mode) about a client's new cut or learned ceiling.
+fn share_adaptive(proxy: &Proxy, key: &crate::adaptive::ClientKey) {
+    if let Some((field, value)) = proxy.adaptive.export(key) {
+        proxy
+            .admission
+            .share_adaptive(field, value, proxy.adaptive.shared_ttl());
     }
 }
 

@@ -321,6 +321,9 @@ impl Proxy {
 
     /// A JSON snapshot for `/status`: limit use, queue depths, pauses.
     pub fn status(&self) -> serde_json::Value {
+        // Show the cuts and ceilings other replicas shared, as the next admission will.
+        let (version, shared) = self.admission.shared_adaptive();
+        self.adaptive.merge(version, &shared);
         let set = self.admission.limits();
         let usage: Vec<_> = self
             .admission

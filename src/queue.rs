@@ -359,6 +359,16 @@ impl Admission {
         }
     }
 
+    /// Shares a client's adaptive state with the other replicas (see [`Backend::share_adaptive`]).
+    pub fn share_adaptive(&self, field: String, value: String, ttl: Duration) {
+        self.shared.backend.share_adaptive(field, value, ttl);
+    }
+
+    /// The adaptive state the other replicas shared, with its version.
+    pub fn shared_adaptive(&self) -> (u64, Arc<Vec<(String, String)>>) {
+        self.shared.backend.shared_adaptive()
+    }
+
     /// The upstream asked for a pause: nothing for this key is sent before `retry_after`.
     pub fn pause(&self, key: PauseKey, retry_after: Duration) {
         let shared = &self.shared;

@@ -80,6 +80,14 @@ pub trait Backend: Send + Sync + 'static {
     fn at_least(&self, _layer: &LayerKey, _used: u64) {}
     /// Shares an upstream's pause with other replicas (the queue keeps its own copy).
     fn pause(&self, _key: &str, _for: Duration) {}
+    /// Shares a client's adaptive state (a cut, a learned ceiling) with other replicas for
+    /// `ttl`; local state has no one to share with.
+    fn share_adaptive(&self, _field: String, _value: String, _ttl: Duration) {}
+    /// The adaptive state other replicas shared, as last read, with a version that
+    /// changes whenever it does.
+    fn shared_adaptive(&self) -> (u64, Arc<Vec<(String, String)>>) {
+        (0, Arc::default())
+    }
     /// How often to retry a request blocked by a concurrency cap; `None` when releases
     /// are always seen (local).
     fn concurrency_retry(&self) -> Option<Duration> {

@@ -117,6 +117,17 @@ end
 return 1
 "#;
 
+/// Most clients whose adaptive state replicas share; the rest are each replica's own.
+const MAX_SHARED_ADAPTIVE: usize = 10_000;
+
+/// Milliseconds since the Unix epoch (shared adaptive states expire by the wall clock:
+/// replicas' own clocks differ only by far less than a hold).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Consecutive failures that open the breaker.
 const BREAKER_FAILURES: u32 = 3;
 /// Heartbeat period: replica count, lease renewal, breaker probes.
@@ -374,6 +385,9 @@ pub struct RedisBackend {
     replayed_at: Mutex<Option<Instant>>,
     /// As many replicas as this one knows of heartbeat Redis now (set by the heartbeat).
     peers_back: AtomicBool,
+    /// Adaptive state shared by the replicas as the heartbeat last read it, with a version
+    /// bumped whenever it changed.
+    adaptive: Mutex<(u64, Arc<Vec<(String, String)>>)>,
 }
 
 impl RedisBackend {
@@ -391,6 +405,7 @@ impl RedisBackend {
             clock,
             target,
             conn: RwLock::new(None),
+            adaptive: Mutex::new((0, Arc::default())),
             script: redis::Script::new(ADMIT),
             record_script: redis::Script::new(RECORD),
             replica: format!("{:016x}", rand::random::<u64>()),
@@ -431,6 +446,43 @@ impl RedisBackend {
     /// Sorted set of live replicas, scored by their last heartbeat (ms).
     fn replicas_key(&self) -> String {
         format!("{{{}}}:replicas", self.cfg.key_prefix)
+    }
+
+    /// Hash of the clients' shared adaptive states: field `upstream:client`, value
+    /// `expiry_ms|state`.
+    fn adaptive_key(&self) -> String {
+        format!("{{{}}}:adaptive", self.cfg.key_prefix)
+    }
+
+    /// Reads the shared adaptive states, drops expired ones (and the soonest to expire past
+    /// [`MAX_SHARED_ADAPTIVE`]), and bumps the version when they changed.
+    async fn refresh_adaptive(&self, conn: &mut Conn) -> Result<(), redis::RedisError> {
+        let key = self.adaptive_key();
+        let all: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+        let now = wall_ms();
+        let mut live: Vec<(u64, String, String)> = Vec::new();
+        let mut stale: Vec<String> = Vec::new();
+        for (field, value) in all {
+            match value.split_once('|').and_then(|(t, v)| Some((t.parse::<u64>().ok()?, v))) {
+                Some((until, v)) if until > now => live.push((until, field, v.to_string())),
+                _ => stale.push(field),
+            }
+        }
+        if live.len() > MAX_SHARED_ADAPTIVE {
+            live.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            stale.extend(live.drain(MAX_SHARED_ADAPTIVE..).map(|(_, f, _)| f));
+        }
+        if !stale.is_empty() {
+            redis::cmd("HDEL").arg(&key).arg(&stale).query_async::<()>(conn).await?;
+        }
+        let mut entries: Vec<(String, String)> = live.into_iter().map(|(_, f, v)| (f, v)).collect();
+        entries.sort_unstable();
+        let mut current = self.adaptive.lock().unwrap_or_else(|p| p.into_inner());
+        if *current.1 != entries {
+            current.0 = current.0.wrapping_add(1);
+            current.1 = Arc::new(entries);
+        }
+        Ok(())
     }
 
     fn pause_key(&self, key: &str) -> String {
@@ -879,6 +931,27 @@ impl Backend for RedisBackend {
         });
     }
 
+    fn share_adaptive(&self, field: String, value: String, ttl: Duration) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let entry = format!("{}|{value}", wall_ms().saturating_add(ttl_ms));
+        let key = self.adaptive_key();
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.hset(&key, field, entry).ignore();
+            pipe.pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX)).ignore();
+            let _ = tokio::time::timeout(timeout * 5, pipe.query_async::<()>(&mut conn)).await;
+        });
+    }
+
+    fn shared_adaptive(&self) -> (u64, Arc<Vec<(String, String)>>) {
+        let current = self.adaptive.lock().unwrap_or_else(|p| p.into_inner());
+        (current.0, current.1.clone())
+    }
+
     fn is_remote(&self) -> bool {
         true
     }
@@ -951,7 +1024,12 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                 // heartbeat that tells the peers it is back.
                 b.replay(&mut conn).await?;
             }
-            beat_once(&b, &mut conn).await
+            let beat = beat_once(&b, &mut conn).await?;
+            // Other replicas' cuts and learned ceilings; a failure here is no outage.
+            if let Err(e) = b.refresh_adaptive(&mut conn).await {
+                tracing::debug!(error = %e, "reading shared adaptive state");
+            }
+            Ok::<_, redis::RedisError>(beat)
         })
         .await;
         match beat {
