@@ -243,3 +243,30 @@ fn redis_mode_mistakes_name_their_keys() {
     let e = state_errors("mode = \"ring\"\nurl = \"redis://r/\"");
     assert!(has(&e, "ring"), "{e:#?}");
 }
+
+#[test]
+fn adaptive_keys_are_validated_with_their_paths() {
+    let c = Config::parse(MINIMAL).expect("minimal");
+    assert_eq!(c.adaptive.floor, 0.25);
+    assert_eq!(c.adaptive.recover, 0.05);
+    assert_eq!(c.adaptive.min_answers, 1);
+    let text = format!(
+        "{MINIMAL}[adaptive]\nthreshold = 1.5\ncut = 0.0\nfloor = 0.0\nrecover = 2.0\n\
+         hold = \"0s\"\nmin_answers = 0\n"
+    );
+    let errs = Config::parse(&text).unwrap_err();
+    let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+    for key in [
+        "adaptive.threshold",
+        "adaptive.cut",
+        "adaptive.floor",
+        "adaptive.recover",
+        "adaptive.hold",
+        "adaptive.min_answers",
+    ] {
+        assert!(lines.iter().any(|l| l.starts_with(key)), "{key}: {lines:#?}");
+    }
+    let ok = format!("{MINIMAL}[adaptive]\nfloor = 0.5\nrecover = 0.1\nhold = \"30s\"\n");
+    let c = Config::parse(&ok).expect("valid adaptive keys");
+    assert_eq!((c.adaptive.floor, c.adaptive.recover), (0.5, 0.1));
+}
