@@ -348,8 +348,7 @@ pub async fn run(duration: Duration, sim_limit: Option<u64>) -> Result<bool, Dem
         .await
         .map_err(DemoError::Sim)?;
 
-    let (_, direct_ivr) =
-        phase("Phase 1: straight to the API", &sim.url(), "", half, None).await?;
+    let (_, direct_ivr) = phase("Phase 1: straight to the API", &sim.url(), "", half, None).await?;
     let direct_stats = sim.stats();
 
     sim.reset();

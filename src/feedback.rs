@@ -153,7 +153,10 @@ impl Stage for Learn {
                     .and_then(|i| proxy.config.limits.get(admitted.0[i].limit))
                     .and_then(|l| l.requests);
                 if let Some(configured) = configured {
-                    if proxy.adaptive.learn_allowed(&client_key, allowed, configured) {
+                    if proxy
+                        .adaptive
+                        .learn_allowed(&client_key, allowed, configured)
+                    {
                         share_adaptive(proxy, &client_key);
                     }
                 }

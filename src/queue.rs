@@ -365,7 +365,7 @@ impl Admission {
     }
 
     /// The adaptive state the other replicas shared, with its version.
-    pub fn shared_adaptive(&self) -> (u64, Arc<Vec<(String, String)>>) {
+    pub fn shared_adaptive(&self) -> crate::state::SharedAdaptive {
         self.shared.backend.shared_adaptive()
     }
 

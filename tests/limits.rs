@@ -1370,8 +1370,13 @@ async fn converges_on_the_reported_budget() {
         .expect("bounded run");
     let (late_429, utilization) = run.second_half("allowed header");
     assert_eq!(late_429, 0, "upstream 429s in the second half");
-    assert!(utilization >= 0.9, "used {utilization:.3} of the real budget");
-    let cuts = run.status["adaptive_cuts"].as_array().expect("adaptive_cuts");
+    assert!(
+        utilization >= 0.9,
+        "used {utilization:.3} of the real budget"
+    );
+    let cuts = run.status["adaptive_cuts"]
+        .as_array()
+        .expect("adaptive_cuts");
     assert!(
         cuts.iter()
             .any(|c| c["client"] == "shared" && c["allowed"] == 10),
@@ -1400,9 +1405,17 @@ async fn converges_on_the_real_budget_from_429s_alone() {
     .expect("bounded run");
     let (late_429, utilization) = run.second_half("no headers");
     assert_eq!(late_429, 0, "upstream 429s in the second half");
-    assert!(utilization >= 0.9, "used {utilization:.3} of the real budget");
-    assert!(!run.upstream_429.is_empty(), "the budget is learned from 429s");
-    let cuts = run.status["adaptive_cuts"].as_array().expect("adaptive_cuts");
+    assert!(
+        utilization >= 0.9,
+        "used {utilization:.3} of the real budget"
+    );
+    assert!(
+        !run.upstream_429.is_empty(),
+        "the budget is learned from 429s"
+    );
+    let cuts = run.status["adaptive_cuts"]
+        .as_array()
+        .expect("adaptive_cuts");
     let shared = cuts
         .iter()
         .find(|c| c["client"] == "shared")

@@ -530,9 +530,11 @@ async fn wait_for_adaptive(
     let started = Instant::now();
     loop {
         let s = status(replica).await;
-        let found = s["adaptive_cuts"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["client"] == "shared" && accept(c)).cloned());
+        let found = s["adaptive_cuts"].as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["client"] == "shared" && accept(c))
+                .cloned()
+        });
         if let Some(c) = found {
             return c;
         }

@@ -160,7 +160,10 @@ async fn allowed_ceiling_rules() {
     advance(59.0).await;
     assert!(close(a.scale(&k).client, 0.5), "refreshed by the report");
     advance(1.0).await;
-    assert!(close(a.scale(&k).client, 1.0), "lapsed after a hold without a report");
+    assert!(
+        close(a.scale(&k).client, 1.0),
+        "lapsed after a hold without a report"
+    );
 }
 
 /// A lower learned ceiling starts a new generation: 429s to requests sent before it are not
@@ -176,7 +179,11 @@ async fn a_learned_ceiling_starts_a_generation() {
     a.observe(&k, true, before);
     assert_rate(&a, &k, 1.0);
     a.learn_allowed(&k, 10, 20);
-    assert_eq!(a.scale(&k).generation, after, "the same value is no new generation");
+    assert_eq!(
+        a.scale(&k).generation,
+        after,
+        "the same value is no new generation"
+    );
     a.observe(&k, true, after);
     assert_rate(&a, &k, 0.4);
 }

@@ -701,7 +701,10 @@ impl Config {
         if !(ad.recover > 0.0 && ad.recover <= 1.0) {
             err(
                 "adaptive.recover".into(),
-                format!("must be in (0, 1] (share of the configured rate per minute), got {}", ad.recover),
+                format!(
+                    "must be in (0, 1] (share of the configured rate per minute), got {}",
+                    ad.recover
+                ),
             );
         }
         if ad.hold.0.is_zero() {

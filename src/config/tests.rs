@@ -264,7 +264,10 @@ fn adaptive_keys_are_validated_with_their_paths() {
         "adaptive.hold",
         "adaptive.min_answers",
     ] {
-        assert!(lines.iter().any(|l| l.starts_with(key)), "{key}: {lines:#?}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)),
+            "{key}: {lines:#?}"
+        );
     }
     let ok = format!("{MINIMAL}[adaptive]\nfloor = 0.5\nrecover = 0.1\nhold = \"30s\"\n");
     let c = Config::parse(&ok).expect("valid adaptive keys");

@@ -165,7 +165,11 @@ fn client_scale_caps_only_the_per_client_layer() {
     let (_, s) = set(LAYERS);
     let a: Arc<str> = Arc::from("a");
     let mut d = s.demand(0, &a, &Method::PUT, "/ivrs/1", Priority::Normal);
-    let names: Vec<&str> = d.layers.iter().map(|l| s.specs[l.limit].name.as_ref()).collect();
+    let names: Vec<&str> = d
+        .layers
+        .iter()
+        .map(|l| s.specs[l.limit].name.as_ref())
+        .collect();
     assert_eq!(names, ["client", "org", "ivr"]);
     assert_eq!(d.client_layer, Some(0), "not the `match`ed client layer");
     d.client_scale = 0.4;

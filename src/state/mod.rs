@@ -58,6 +58,9 @@ pub struct BackendStatus {
     pub replicas: u64,
 }
 
+/// Adaptive states replicas share (field, value), with a version that changes when they do.
+pub type SharedAdaptive = (u64, Arc<Vec<(String, String)>>);
+
 /// A store of limit counters. `take` is one atomic step: room in every layer, or nothing.
 pub trait Backend: Send + Sync + 'static {
     /// Reserves room for `demand`; `ahead[i]` requests wait before it on `demand.layers[i]`.
@@ -85,7 +88,7 @@ pub trait Backend: Send + Sync + 'static {
     fn share_adaptive(&self, _field: String, _value: String, _ttl: Duration) {}
     /// The adaptive state other replicas shared, as last read, with a version that
     /// changes whenever it does.
-    fn shared_adaptive(&self) -> (u64, Arc<Vec<(String, String)>>) {
+    fn shared_adaptive(&self) -> SharedAdaptive {
         (0, Arc::default())
     }
     /// How often to retry a request blocked by a concurrency cap; `None` when releases

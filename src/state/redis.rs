@@ -18,7 +18,7 @@
 //! Sentinels name (`sentinel`: asked at every (re)connection, so a failover is followed once
 //! the heartbeat replaces the dead connection).
 
-use super::{Backend, BackendStatus, Clock, Grant};
+use super::{Backend, BackendStatus, Clock, Grant, SharedAdaptive};
 use crate::config::{RedisMode, StateConfig};
 use crate::limit::window::Nanos;
 use crate::limit::{scaled, Blocked, Demand, Headroom, KeyPart, LayerKey, Ledger, LimitSet, Taken};
@@ -387,7 +387,7 @@ pub struct RedisBackend {
     peers_back: AtomicBool,
     /// Adaptive state shared by the replicas as the heartbeat last read it, with a version
     /// bumped whenever it changed.
-    adaptive: Mutex<(u64, Arc<Vec<(String, String)>>)>,
+    adaptive: Mutex<SharedAdaptive>,
 }
 
 impl RedisBackend {
@@ -458,22 +458,30 @@ impl RedisBackend {
     /// [`MAX_SHARED_ADAPTIVE`]), and bumps the version when they changed.
     async fn refresh_adaptive(&self, conn: &mut Conn) -> Result<(), redis::RedisError> {
         let key = self.adaptive_key();
-        let all: HashMap<String, String> = redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+        let all: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
         let now = wall_ms();
         let mut live: Vec<(u64, String, String)> = Vec::new();
         let mut stale: Vec<String> = Vec::new();
         for (field, value) in all {
-            match value.split_once('|').and_then(|(t, v)| Some((t.parse::<u64>().ok()?, v))) {
+            match value
+                .split_once('|')
+                .and_then(|(t, v)| Some((t.parse::<u64>().ok()?, v)))
+            {
                 Some((until, v)) if until > now => live.push((until, field, v.to_string())),
                 _ => stale.push(field),
             }
         }
         if live.len() > MAX_SHARED_ADAPTIVE {
-            live.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            live.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
             stale.extend(live.drain(MAX_SHARED_ADAPTIVE..).map(|(_, f, _)| f));
         }
         if !stale.is_empty() {
-            redis::cmd("HDEL").arg(&key).arg(&stale).query_async::<()>(conn).await?;
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(&stale)
+                .query_async::<()>(conn)
+                .await?;
         }
         let mut entries: Vec<(String, String)> = live.into_iter().map(|(_, f, v)| (f, v)).collect();
         entries.sort_unstable();
@@ -942,12 +950,13 @@ impl Backend for RedisBackend {
         tokio::spawn(async move {
             let mut pipe = redis::pipe();
             pipe.hset(&key, field, entry).ignore();
-            pipe.pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX)).ignore();
+            pipe.pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+                .ignore();
             let _ = tokio::time::timeout(timeout * 5, pipe.query_async::<()>(&mut conn)).await;
         });
     }
 
-    fn shared_adaptive(&self) -> (u64, Arc<Vec<(String, String)>>) {
+    fn shared_adaptive(&self) -> SharedAdaptive {
         let current = self.adaptive.lock().unwrap_or_else(|p| p.into_inner());
         (current.0, current.1.clone())
     }
