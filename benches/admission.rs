@@ -146,7 +146,7 @@ fn main() {
                         .expect("url"),
                 );
                 let clock = Clock::default();
-                let backend = RedisBackend::start(set.clone(), clock, state).unwrap();
+                let backend = RedisBackend::start(set.clone(), clock, state, 100_000).unwrap();
                 let started = Instant::now();
                 while !backend.status().up {
                     assert!(

@@ -130,6 +130,30 @@ const UNRESOLVED_TTL: Duration = Duration::from_secs(60);
 /// Look-ups in flight: their outcome (`None` until known) per token hash.
 type Lookups = HashMap<TokenHash, watch::Receiver<Option<Option<Arc<str>>>>>;
 
+/// Longest a `tokens/me` look-up may run; its callers fell back to the hashed key long
+/// before (after `LOOKUP_TIMEOUT`), so past this it is abandoned.
+const LOOKUP_LIFETIME: Duration = Duration::from_secs(30);
+
+/// A look-up's entry in [`Identity::lookups`], removed when the look-up ends however it
+/// ends (answered, abandoned, its task cancelled or panicking): an entry never outlives it.
+struct LookupEntry {
+    lookups: Arc<Mutex<Lookups>>,
+    hash: TokenHash,
+    rx: watch::Receiver<Option<Option<Arc<str>>>>,
+}
+
+impl Drop for LookupEntry {
+    fn drop(&mut self) {
+        let mut lookups = self.lookups.lock().unwrap_or_else(|p| p.into_inner());
+        if lookups
+            .get(&self.hash)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            lookups.remove(&self.hash);
+        }
+    }
+}
+
 /// Distinct metric labels for callers before new ones are labelled `other`.
 const MAX_LABELS: usize = 200;
 
@@ -148,7 +172,8 @@ pub struct Identity {
     config: IdentityConfig,
     clients: HashMap<String, ClientConfig>,
     tokens: Mutex<Generations<TokenHash, Learned>>,
-    lookups: Mutex<Lookups>,
+    /// At most `max_keys`; each entry is removed by its own look-up ([`LookupEntry`]).
+    lookups: Arc<Mutex<Lookups>>,
     lookup_budget: DefaultDirectRateLimiter,
     labels: Mutex<HashMap<Arc<str>, Arc<str>>>,
     resolver: Option<Arc<dyn TokenResolver>>,
@@ -181,7 +206,7 @@ impl Identity {
             NonZeroU32::new(config.tokens_me_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         Identity {
             tokens: Mutex::new(Generations::new(config.max_keys)),
-            lookups: Mutex::new(HashMap::new()),
+            lookups: Arc::new(Mutex::new(HashMap::new())),
             lookup_budget: RateLimiter::direct(Quota::per_second(per_second)),
             labels: Mutex::new(HashMap::new()),
             clients: clients.iter().map(|c| (c.id.clone(), c.clone())).collect(),
@@ -205,6 +230,11 @@ impl Identity {
     /// Number of remembered tokens (bounded by `max_keys`).
     pub fn remembered_tokens(&self) -> usize {
         self.tokens.lock().map_or(0, |t| t.len())
+    }
+
+    /// Number of `tokens/me` look-ups in flight (bounded by `max_keys`).
+    pub fn lookups_in_flight(&self) -> usize {
+        self.lookups.lock().map_or(0, |l| l.len())
     }
 
     /// Remembers that `token` belongs to `client` (seen in a proxied `/oauth/token` exchange).
@@ -240,6 +270,23 @@ impl Identity {
             known: false,
             priority: None,
         }
+    }
+
+    /// The metric label of a limiter key's caller, as [`Caller::label`] has it, without
+    /// adding a label: keys from the network (header values, hashed tokens) are `other` or
+    /// `unknown`, so the label set stays bounded whatever keys are rendered.
+    pub fn label_of(&self, key: &str) -> Arc<str> {
+        if key.starts_with("token:") || key == crate::queue::OVERFLOW_CALLER || key == "anonymous" {
+            return Arc::from("unknown");
+        }
+        if self.clients.contains_key(key) {
+            return self.client(key).label;
+        }
+        self.labels
+            .lock()
+            .ok()
+            .and_then(|l| l.get(key).cloned())
+            .unwrap_or_else(|| Arc::from("other"))
     }
 
     fn label(&self, name: &str) -> Arc<str> {
@@ -284,13 +331,17 @@ impl Identity {
                 IdentitySource::ClientIp => Some(ip.to_string()),
             };
             if let Some(id) = found {
-                let configured = self.clients.contains_key(&id);
-                let mut caller = self.client(&id);
-                // Values from the network are labelled only when configured: the label set stays bounded.
-                if !configured {
-                    caller.label = Arc::from("other");
+                // Values from the network are labelled only when configured: the label set
+                // stays bounded, and they take no place in it from OAuth clients.
+                if self.clients.contains_key(&id) {
+                    return self.client(&id);
                 }
-                return caller;
+                return Caller {
+                    key: Arc::from(id),
+                    label: Arc::from("other"),
+                    known: true,
+                    priority: None,
+                };
             }
         }
         self.unknown("anonymous".into())
@@ -333,17 +384,29 @@ impl Identity {
             match lookups.get(&hash) {
                 Some(rx) => rx.clone(),
                 None => {
-                    if self.lookup_budget.check().is_err() {
+                    if lookups.len() >= self.config.max_keys || self.lookup_budget.check().is_err()
+                    {
                         return None;
                     }
                     let (tx, rx) = watch::channel(None);
                     lookups.insert(hash, rx.clone());
+                    let entry = LookupEntry {
+                        lookups: self.lookups.clone(),
+                        hash,
+                        rx: rx.clone(),
+                    };
                     let token = token.to_string();
                     let done = resolver.resolve(upstream, token);
                     let hook = self.on_lookup.clone();
-                    // The look-up finishes even if this caller leaves, so others waiting on it are answered.
+                    // The look-up finishes even if this caller leaves, so others waiting on it
+                    // are answered; its entry goes with it.
                     tokio::spawn(async move {
-                        let client = done.await.map(Arc::<str>::from);
+                        let _entry = entry;
+                        let client = tokio::time::timeout(LOOKUP_LIFETIME, done)
+                            .await
+                            .ok()
+                            .flatten()
+                            .map(Arc::<str>::from);
                         if let (Some(hook), Some(c)) = (&hook, &client) {
                             hook(upstream, c);
                         }
@@ -358,11 +421,6 @@ impl Identity {
             .ok()
             .and_then(|r| r.ok().and_then(|v| v.clone()))
             .flatten();
-        if let Ok(mut lookups) = self.lookups.lock() {
-            if lookups.get(&hash).is_some_and(|rx| rx.borrow().is_some()) {
-                lookups.remove(&hash);
-            }
-        }
         let ttl = if result.is_some() {
             self.config.token_ttl.0
         } else {
@@ -586,6 +644,87 @@ mod tests {
             id.learn(&format!("tok{i}"), "c", Duration::from_secs(60));
         }
         assert!(id.remembered_tokens() <= 1000);
+    }
+
+    /// Answers `slow-*` tokens after 10 s and never answers any other.
+    struct Late;
+    impl TokenResolver for Late {
+        fn resolve(
+            &self,
+            _: usize,
+            token: String,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Option<String>> + Send>> {
+            Box::pin(async move {
+                if !token.starts_with("slow-") {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Some("late-client".to_string())
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_that_outlive_their_callers_remove_their_own_entry() {
+        let cfg = IdentityConfig {
+            max_keys: 1000,
+            tokens_me_per_second: 1_000_000,
+            ..IdentityConfig::default()
+        };
+        let id = Identity::new(cfg, &[], Some(Arc::new(Late)));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        // The caller gives up after LOOKUP_TIMEOUT; the look-up goes on, then goes away.
+        let c = id.identify(&[], &headers("Bearer slow-one"), ip, 0).await;
+        assert!(!c.known);
+        assert_eq!(id.lookups_in_flight(), 1);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(id.lookups_in_flight(), 0);
+        // A caller that leaves mid-way leaves nothing behind either.
+        let left = tokio::time::timeout(
+            Duration::from_millis(10),
+            id.identify(&[], &headers("Bearer slow-two"), ip, 0),
+        )
+        .await;
+        assert!(left.is_err());
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert_eq!(id.lookups_in_flight(), 0);
+        // 10^5 distinct tokens, 1000 callers at a time, half of them never answered.
+        for batch in 0..100 {
+            let callers = (0..1000).map(|i| {
+                let kind = if i % 2 == 0 { "slow" } else { "never" };
+                let auth = format!("Bearer {kind}-{batch}-{i}");
+                let id = &id;
+                async move { id.identify(&[], &headers(&auth), ip, 0).await }
+            });
+            for c in futures_util::future::join_all(callers).await {
+                assert!(!c.known);
+            }
+            let n = id.lookups_in_flight();
+            assert!(n <= 1000, "{n} look-ups in flight after batch {batch}");
+        }
+        tokio::time::sleep(LOOKUP_LIFETIME + Duration::from_secs(1)).await;
+        assert_eq!(id.lookups_in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn network_identities_take_no_label_from_oauth_clients() {
+        let id = Identity::new(IdentityConfig::default(), &[], None);
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let sources = vec![IdentitySource::Header(http::HeaderName::from_static(
+            "x-caller",
+        ))];
+        for i in 0..100_000 {
+            let mut h = HeaderMap::new();
+            h.insert("x-caller", HeaderValue::from_str(&format!("v{i}")).unwrap());
+            let c = id.identify(&sources, &h, ip, 0).await;
+            assert_eq!(&*c.label, "other");
+        }
+        // OAuth clients are still labelled by their id, and rendered keys add no label.
+        assert_eq!(&*id.client("oauth-client").label, "oauth-client");
+        assert_eq!(&*id.label_of("oauth-client"), "oauth-client");
+        assert_eq!(&*id.label_of("v7"), "other");
+        assert_eq!(&*id.label_of("token:0123"), "unknown");
+        assert!(id.labels.lock().unwrap().len() <= 1);
     }
 
     #[tokio::test]

@@ -196,9 +196,12 @@ impl Proxy {
         let clock = Clock::default();
         let backend: Arc<dyn Backend> = match config.state.backend {
             StateBackend::Local => Arc::new(LocalBackend::new(limits.clone(), clock)),
-            StateBackend::Redis => {
-                RedisBackend::start(limits.clone(), clock, config.state.clone())?
-            }
+            StateBackend::Redis => RedisBackend::start(
+                limits.clone(),
+                clock,
+                config.state.clone(),
+                config.identity.max_keys,
+            )?,
         };
         let admission = Admission::with_backend(
             limits,
@@ -383,14 +386,7 @@ impl Proxy {
     /// A limiter key as a bounded label, naming clients as `pacer_requests_total` does.
     fn key_label(&self, part: &crate::limit::KeyPart) -> String {
         use crate::limit::KeyPart;
-        let client = |id: &str| -> String {
-            if id.starts_with("token:") || id == crate::queue::OVERFLOW_CALLER || id == "anonymous"
-            {
-                "unknown".into()
-            } else {
-                self.identity.client(id).label.to_string()
-            }
-        };
+        let client = |id: &str| -> String { self.identity.label_of(id).to_string() };
         match part {
             KeyPart::Global => "global".into(),
             KeyPart::Client(c) => client(c),
@@ -419,6 +415,17 @@ impl Proxy {
                 .entry((spec.name.to_string(), key))
                 .or_insert(0.0);
             *e = e.max(ratio);
+        }
+        // Pauses of callers that share a label are one sample (the longest).
+        let mut paused: std::collections::BTreeMap<(String, String), f64> = Default::default();
+        for ((u, caller), left) in self.admission.pauses() {
+            let upstream = self
+                .upstreams
+                .get(u)
+                .map_or_else(String::new, |u| u.name.to_string());
+            let client = self.key_label(&crate::limit::KeyPart::Client(caller));
+            let e = paused.entry((upstream, client)).or_insert(0.0);
+            *e = e.max(left.as_secs_f64());
         }
         let depth = self.admission.depth_by_upstream();
         let gauges = [
@@ -491,28 +498,57 @@ impl Proxy {
             Gauge {
                 name: "pacer_upstream_paused_seconds",
                 help: "Seconds left of a pause the upstream asked for (429 + Retry-After).",
-                samples: self
-                    .admission
-                    .pauses()
+                samples: paused
                     .into_iter()
-                    .map(|((u, caller), left)| {
-                        let upstream = self
-                            .upstreams
-                            .get(u)
-                            .map_or_else(String::new, |u| u.name.to_string());
-                        let client = if caller.starts_with("token:") {
-                            "unknown".to_string()
-                        } else {
-                            caller.to_string()
-                        };
-                        (
-                            vec![("upstream", upstream), ("client", client)],
-                            left.as_secs_f64(),
-                        )
+                    .map(|((upstream, client), v)| {
+                        (vec![("upstream", upstream), ("client", client)], v)
                     })
                     .collect(),
             },
         ];
         self.metrics.render(&gauges)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn paused_seconds_labels_stay_bounded_for_any_number_of_callers() {
+        let text = format!(
+            "{}\n[[client]]\nid = \"ivr-id\"\nname = \"ivr\"\npriority = \"critical\"\n",
+            crate::config::MINIMAL
+        );
+        let proxy = Proxy::new(Arc::new(Config::parse(&text).expect("config"))).expect("proxy");
+        proxy.identity.client("oauth-client");
+        let pause = |key: &str| {
+            proxy
+                .admission
+                .pause((0, Arc::from(key)), Duration::from_secs(60))
+        };
+        // Header identities (raw values from the network) and hashed unknown tokens.
+        for i in 0..50_000 {
+            pause(&format!("header-value-{i}"));
+            pause(&format!("token:{i:016x}"));
+        }
+        pause("ivr-id");
+        pause("oauth-client");
+        let text = proxy.render_metrics();
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("pacer_upstream_paused_seconds{"))
+            .collect();
+        let clients: std::collections::BTreeSet<&str> = samples
+            .iter()
+            .filter_map(|l| l.split("client=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(
+            clients.into_iter().collect::<Vec<_>>(),
+            ["ivr", "oauth-client", "other", "unknown"],
+            "{samples:?}"
+        );
+        assert_eq!(samples.len(), 4, "one sample per label set: {samples:?}");
     }
 }

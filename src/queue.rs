@@ -11,7 +11,7 @@
 use crate::config::{Priority, QueueConfig};
 use crate::error::ShedReason;
 use crate::limit::window::Nanos;
-use crate::limit::{Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
+use crate::limit::{BlockKind, Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
 use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -75,6 +75,27 @@ impl State {
         Some(w)
     }
 
+    /// Pauses `key` until `until` (or longer, if it already is). At most `cap` keys are
+    /// paused: when full, ended pauses go first, then the eighth that end soonest (losing
+    /// one costs at most one more upstream 429), so inserts stay amortized O(1).
+    fn pause(&mut self, key: PauseKey, until: Nanos, now: Nanos, cap: usize) {
+        let cap = cap.max(1);
+        if self.pauses.len() >= cap && !self.pauses.contains_key(&key) {
+            self.pauses.retain(|_, end| *end > now);
+            if self.pauses.len() >= cap {
+                let mut ends: Vec<(Nanos, PauseKey)> =
+                    self.pauses.iter().map(|(k, &e)| (e, k.clone())).collect();
+                let evict = (ends.len() / 8).max(1);
+                ends.select_nth_unstable_by_key(evict - 1, |(e, _)| *e);
+                for (_, k) in &ends[..evict] {
+                    self.pauses.remove(k);
+                }
+            }
+        }
+        let entry = self.pauses.entry(key).or_insert(0);
+        *entry = (*entry).max(until);
+    }
+
     fn paused_until(&self, key: &Option<PauseKey>, now: Nanos) -> Option<Nanos> {
         let until = *self.pauses.get(key.as_ref()?)?;
         (until > now).then_some(until)
@@ -113,27 +134,25 @@ impl Shared {
         self: &Arc<Self>,
         demand: Arc<Demand>,
         ahead: Vec<u64>,
+        pause: Option<&PauseKey>,
     ) -> Result<Grant, Blocked> {
         let backend = self.backend.clone();
+        let pause = pause.map(shared_pause_name);
         if !backend.is_remote() {
-            return backend.take(demand, ahead).await;
+            return backend.take(demand, ahead, pause).await;
         }
         // A shared store answers over the network: run the call to completion even if
         // this caller leaves, so a grant is never lost.
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
-            let result = backend.clone().take(demand, ahead).await;
+            let result = backend.clone().take(demand, ahead, pause).await;
             if let Err(Ok(grant)) = tx.send(result) {
                 backend.refund(&grant.taken);
             }
         });
         rx.await.unwrap_or(Err(Blocked {
-            layer: LayerKey {
-                limit: 0,
-                part: crate::limit::KeyPart::Global,
-            },
+            kind: BlockKind::Unanswered,
             wait: Some(1_000_000_000),
-            paused: false,
         }))
     }
 }
@@ -242,22 +261,17 @@ impl Admission {
         }
         let blocked = match paused {
             Some(_) => None,
-            None => match shared.take(demand.clone(), ahead).await {
+            None => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
                 Ok(grant) => return Ok(Reservation::new(shared.clone(), grant, Duration::ZERO)),
                 Err(b) => Some(b),
             },
         };
         if let Some(b) = &blocked {
             if let Some(wait) = b.wait.filter(|&w| w > max_wait_ns) {
-                let reason = if b.paused {
-                    ShedReason::UpstreamPaused
-                } else {
-                    ShedReason::WaitTooLong
-                };
                 return Err(Refusal {
-                    reason,
+                    reason: shed_reason(b, ShedReason::WaitTooLong),
                     retry_after: Duration::from_nanos(wait),
-                    policy: Some(shed_headers(&shared.set, b)),
+                    policy: shed_headers(&shared.set, b),
                 });
             }
         }
@@ -271,7 +285,7 @@ impl Admission {
                 return Err(Refusal {
                     reason: ShedReason::QueueFull,
                     retry_after: Duration::from_nanos(wait),
-                    policy: blocked.as_ref().map(|b| shed_headers(&shared.set, b)),
+                    policy: blocked.as_ref().and_then(|b| shed_headers(&shared.set, b)),
                 });
             }
             let not_before = paused.map_or(0, |until| until + jitter(until - now));
@@ -311,17 +325,17 @@ impl Admission {
             }
             _ => {
                 let last = guard.take();
-                let (retry_after, policy) = match last.and_then(|w| w.last_blocked) {
-                    Some(b) => (
-                        Duration::from_nanos(b.wait.unwrap_or(1_000_000_000)),
-                        Some(shed_headers(&shared.set, &b)),
-                    ),
-                    None => (Duration::from_secs(1), None),
-                };
-                Err(Refusal {
-                    reason: ShedReason::WaitTooLong,
-                    retry_after,
-                    policy,
+                Err(match last.and_then(|w| w.last_blocked) {
+                    Some(b) => Refusal {
+                        reason: shed_reason(&b, ShedReason::WaitTooLong),
+                        retry_after: Duration::from_nanos(b.wait.unwrap_or(1_000_000_000)),
+                        policy: shed_headers(&shared.set, &b),
+                    },
+                    None => Refusal {
+                        reason: ShedReason::WaitTooLong,
+                        retry_after: Duration::from_secs(1),
+                        policy: None,
+                    },
                 })
             }
         }
@@ -336,10 +350,9 @@ impl Admission {
         method: &http::Method,
         path: &str,
     ) {
-        let demand = self
-            .shared
-            .set
-            .demand(upstream, caller, method, path, Priority::Critical);
+        // Through `demand`: the client comes from the upstream's answer about a caller's
+        // token, so a full store counts it under the overflow key like any other.
+        let demand = self.demand(upstream, caller, method, path, Priority::Critical);
         self.shared.backend.record_sent(&demand);
     }
 
@@ -372,14 +385,10 @@ impl Admission {
     /// The upstream asked for a pause: nothing for this key is sent before `retry_after`.
     pub fn pause(&self, key: PauseKey, retry_after: Duration) {
         let shared = &self.shared;
-        let until = shared.clock.now() + retry_after.as_nanos() as Nanos;
-        shared
-            .backend
-            .pause(&format!("{}:{}", key.0, key.1), retry_after);
-        let mut state = shared.lock();
-        let entry = state.pauses.entry(key).or_insert(0);
-        *entry = (*entry).max(until);
-        drop(state);
+        let now = shared.clock.now();
+        let until = now.saturating_add(retry_after.as_nanos().min(u64::MAX as u128) as Nanos);
+        shared.backend.pause(&shared_pause_name(&key), retry_after);
+        shared.lock().pause(key, until, now, shared.max_keys);
         shared.wake.notify_one();
     }
 
@@ -416,6 +425,19 @@ impl Admission {
     }
 }
 
+/// The name of a caller's upstream pause in a shared store.
+fn shared_pause_name(key: &PauseKey) -> String {
+    format!("{}:{}", key.0, key.1)
+}
+
+/// Why a refusal happened: the upstream's pause, else `otherwise`.
+fn shed_reason(b: &Blocked, otherwise: ShedReason) -> ShedReason {
+    match b.kind {
+        BlockKind::Paused => ShedReason::UpstreamPaused,
+        BlockKind::Layer(_) | BlockKind::Unanswered => otherwise,
+    }
+}
+
 /// Up to a tenth of the pause, at most one second: resumed requests do not all leave at once.
 fn jitter(pause: Nanos) -> Nanos {
     let max = (pause / 10).min(1_000_000_000);
@@ -438,9 +460,10 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft syntax) for a layer that refused.
-fn shed_headers(set: &LimitSet, b: &Blocked) -> (String, String) {
-    let spec = &set.specs[b.layer.limit];
+/// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft syntax) for a layer that refused;
+/// none when no layer did (an upstream pause names no limit of pacer's).
+fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
+    let spec = set.specs.get(b.layer()?.limit)?;
     let quota = spec
         .requests
         .or(spec.concurrency.map(|c| c[0]))
@@ -454,7 +477,7 @@ fn shed_headers(set: &LimitSet, b: &Blocked) -> (String, String) {
         ),
         None => format!("\"{}\";q={quota}", spec.name),
     };
-    (policy, format!("\"{}\";r=0;t={reset}", spec.name))
+    Some((policy, format!("\"{}\";r=0;t={reset}", spec.name)))
 }
 
 /// Header values describing the room left in one layer.
@@ -654,7 +677,7 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
             continue;
         }
         let zeros = vec![0; c.demand.layers.len()];
-        match shared.take(c.demand.clone(), zeros).await {
+        match shared.take(c.demand.clone(), zeros, c.pause.as_ref()).await {
             Ok(grant) => {
                 let waiter = shared.lock().remove_waiter(c.key);
                 let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO);

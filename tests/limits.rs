@@ -923,6 +923,58 @@ async fn upstream_429_pauses_the_client() {
 // 6. RateLimit headers and pacer's 429
 
 /// pacer in front of a recording upstream, route `/api/`, plus `extra` config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_pause_with_no_limit_at_all_is_shed_as_a_pause() {
+    within("pause without limits", async {
+        // No `[[limit]]`: only the upstream (5 per 4 s) says when to stop.
+        let sim = start_sim(
+            "window = \"4s\"\nclient_requests = 5\norg_requests = 1000\n\n\
+             [[client]]\nid = \"nolimit\"\nsecret = \"nolimit-secret\"\n",
+        )
+        .await;
+        let pacer = start_pacer(&sim_pacer_config(&sim, "[queue]\nmax_wait = \"200ms\"\n")).await;
+        let client = TestClient::http1(pacer.proxy_addr);
+        let token = token_via(&client, "nolimit", "nolimit-secret").await;
+        let headers = [("authorization", format!("Bearer {token}"))];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let send = || client.get("/api/v2/users", &headers);
+        let mut upstream_429 = None;
+        for _ in 0..10 {
+            let reply = send().await;
+            if reply.status == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(reply.header("x-pacer-reason"), None, "{reply:?}");
+                upstream_429 = Some(retry_after(&reply));
+                break;
+            }
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        let ra = upstream_429.expect("the simulator never answered 429");
+        assert!(ra >= 1, "upstream Retry-After {ra}");
+        // The pause outlasts max_wait: shed at once, as a pause, naming no limit.
+        let before = sim.stats().total.requests;
+        let reply = send().await;
+        reply.assert_pacer_error(StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(reply.header("x-pacer-reason"), Some("upstream_paused"));
+        let left = retry_after(&reply);
+        assert!(
+            (1..=ra).contains(&left),
+            "Retry-After {left} of a {ra} s pause"
+        );
+        assert_eq!(reply.header("ratelimit-policy"), None, "{reply:?}");
+        assert_eq!(reply.header("ratelimit"), None, "{reply:?}");
+        assert_eq!(
+            sim.stats().total.requests,
+            before,
+            "the request reached upstream"
+        );
+        assert!(status(&pacer).await["pauses"]
+            .as_array()
+            .is_some_and(|p| p.len() == 1));
+        pacer.shutdown().await;
+    })
+    .await;
+}
+
 async fn pacer_with(up: &TestUpstream, extra: &str) -> Running {
     start_pacer(&format!("{}\n{extra}", one_route_config("", &up.url(), ""))).await
 }

@@ -424,6 +424,105 @@ async fn an_upstream_429_pauses_every_replica_through_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_pause_with_no_limit_at_all_is_shared_and_shed_as_a_pause() {
+    let _serial = SERIAL.lock().await;
+    within("shared pause without limits", async {
+        let redis = RedisServer::start();
+        // No `[[limit]]` anywhere: only the upstream (5 per 4 s) says when to stop.
+        let sim = one_client_sim("shared", 5, "4s").await;
+        let config = format!(
+            "[[upstream]]\nname = \"api\"\nurl = \"http://{}\"\ntimeout = \"5s\"\n\
+             [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\
+             [identity]\ntokens_me = false\n[queue]\nmax_wait = \"200ms\"\n\
+             [state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+            sim.addr(),
+            redis.url()
+        );
+        let mut running = Vec::new();
+        let mut targets = Vec::new();
+        for _ in 0..2 {
+            let r = common::start_pacer(&config).await;
+            targets.push((r.proxy_addr, token(r.proxy_addr).await));
+            running.push(r);
+        }
+        wait_until_shared(&running).await;
+        let send = |i: usize| {
+            let (addr, token) = targets[i].clone();
+            async move {
+                TestClient::http1(addr)
+                    .get(
+                        "/api/v2/users",
+                        &[("authorization", &format!("Bearer {token}"))],
+                    )
+                    .await
+            }
+        };
+        let mut upstream_429 = None;
+        for _ in 0..10 {
+            let reply = send(0).await;
+            if reply.status == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(reply.header("x-pacer-reason"), None, "{reply:?}");
+                upstream_429 = reply
+                    .header("retry-after")
+                    .and_then(|v| v.parse::<u64>().ok());
+                break;
+            }
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        }
+        let ra = upstream_429.expect("the simulator never answered 429 with Retry-After");
+        // The pause is written to Redis in the background.
+        let started = Instant::now();
+        while redis.cli(&["--scan", "--pattern", "*pause*"]).is_empty() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no pause in Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The other replica learns it from the admission script, this one keeps its own:
+        // both shed at once, as a pause that names no limit.
+        let before = sim.stats().total.requests;
+        for i in [1, 0] {
+            let reply = send(i).await;
+            reply.assert_pacer_error(StatusCode::TOO_MANY_REQUESTS);
+            assert_eq!(
+                reply.header("x-pacer-reason"),
+                Some("upstream_paused"),
+                "replica {i}"
+            );
+            let left: u64 = reply
+                .header("retry-after")
+                .and_then(|v| v.parse().ok())
+                .expect("Retry-After in whole seconds");
+            assert!(
+                (1..=ra).contains(&left),
+                "replica {i}: Retry-After {left} of {ra}"
+            );
+            assert_eq!(
+                reply.header("ratelimit-policy"),
+                None,
+                "replica {i}: {reply:?}"
+            );
+            assert_eq!(reply.header("ratelimit"), None, "replica {i}: {reply:?}");
+        }
+        assert_eq!(
+            sim.stats().total.requests,
+            before,
+            "a request reached the upstream during its pause"
+        );
+        // A pause is an answer, not a Redis failure: both still share.
+        for r in &running {
+            let s = status(r).await;
+            assert_eq!(s["state"]["up"], true, "{s}");
+        }
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_round_trip_per_admission() {
     let _serial = SERIAL.lock().await;
     within("round trips", async {

@@ -229,13 +229,33 @@ pub struct Taken {
 /// Why a request cannot be admitted now.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Blocked {
-    /// The layer that blocks longest.
-    pub layer: LayerKey,
-    /// Time until every rate layer has room; `None` when a concurrency cap blocks and
-    /// only a release can help.
+    /// What blocks it.
+    pub kind: BlockKind,
+    /// Time until it could be admitted; `None` when a concurrency cap blocks and only a
+    /// release can help.
     pub wait: Option<Nanos>,
-    /// True when the upstream asked for this pause (shared pauses in a shared store).
-    pub paused: bool,
+}
+
+/// What blocks a request: a layer of pacer's own, or something that is no layer at all.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockKind {
+    /// This layer has no room (of the demand's layers, the one that blocks longest).
+    Layer(LayerKey),
+    /// The upstream asked for a pause (429 + `Retry-After`), shared through the store: no
+    /// limit of pacer's is involved, so the answer names none.
+    Paused,
+    /// The store gave no answer at all (its task ended); ask again shortly.
+    Unanswered,
+}
+
+impl Blocked {
+    /// The layer that blocks, when a layer does.
+    pub fn layer(&self) -> Option<&LayerKey> {
+        match &self.kind {
+            BlockKind::Layer(l) => Some(l),
+            BlockKind::Paused | BlockKind::Unanswered => None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -307,9 +327,8 @@ impl Ledger {
                     };
                     if worse {
                         blocked = Some(Blocked {
-                            layer: layer.clone(),
+                            kind: BlockKind::Layer(layer.clone()),
                             wait: Some(wait),
-                            paused: false,
                         });
                     }
                 }
@@ -317,9 +336,8 @@ impl Ledger {
             if let Some(ceil) = spec.concurrency {
                 if counter.inflight + ahead >= ceil[class] {
                     blocked = Some(Blocked {
-                        layer: layer.clone(),
+                        kind: BlockKind::Layer(layer.clone()),
                         wait: None,
-                        paused: false,
                     });
                 }
             }

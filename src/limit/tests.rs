@@ -43,7 +43,7 @@ fn all_or_nothing_across_layers() {
     assert!(l.try_take(&s, 0, &d, &|_| 0).is_ok());
     assert!(l.try_take(&s, 1, &d, &|_| 0).is_ok());
     let blocked = l.try_take(&s, 2, &d, &|_| 0).unwrap_err();
-    assert_eq!(s.specs[blocked.layer.limit].name.as_ref(), "ivr");
+    assert_eq!(s.specs[blocked.layer().unwrap().limit].name.as_ref(), "ivr");
     // The refused request took nothing from the other layers.
     let g = s.demand(0, &a, &Method::GET, "/x", Priority::Normal);
     for t in 0..3 {
@@ -187,7 +187,12 @@ fn client_scale_caps_only_the_per_client_layer() {
     assert!(l.try_take(&s, 0, &g, &|_| 0).is_ok());
     assert!(l.try_take(&s, 1, &g, &|_| 0).is_ok());
     let blocked = l.try_take(&s, 2, &g, &|_| 0).unwrap_err();
-    assert_eq!(s.specs[blocked.layer.limit].name.as_ref(), "client");
+    assert_eq!(
+        s.specs[blocked.layer().expect("a layer blocks").limit]
+            .name
+            .as_ref(),
+        "client"
+    );
     let head = l.tightest(&s, 2, &g).expect("headroom");
     assert_eq!((head.quota, head.remaining), (2, 0));
     let b: Arc<str> = Arc::from("b");

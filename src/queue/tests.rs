@@ -220,3 +220,152 @@ async fn distinct_callers_beyond_max_keys_share_the_overflow_key() {
     }
     assert!(a.keys() <= 101, "{}", a.keys());
 }
+
+#[tokio::test(start_paused = true)]
+async fn upstream_pauses_of_distinct_callers_stay_bounded() {
+    let a = admission("[identity]\nmax_keys = 1000\n");
+    for i in 0..100_000u64 {
+        // Later pauses are longer, so the ones that end soonest are the oldest.
+        a.pause(
+            (0, Arc::from(format!("caller-{i}"))),
+            Duration::from_secs(60) + Duration::from_millis(i),
+        );
+        let paused = a.shared.lock().pauses.len();
+        assert!(paused <= 1000, "{paused} pauses after {i} callers");
+    }
+    // The newest pause is in force; the one ending soonest made room for it.
+    let newest = (0, Arc::from("caller-99999"));
+    let d = a.demand(0, &newest.1, &Method::GET, "/x", Priority::Normal);
+    let refused = a
+        .admit(d, Some(newest), Duration::ZERO)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.reason, ShedReason::UpstreamPaused);
+    assert!(a.pauses().iter().all(|((_, c), _)| &**c != "caller-0"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_pause_with_no_limit_at_all_names_no_limit() {
+    // No `[[limit]]`: the demand has no layers, and the pause is still the answer.
+    let a = admission("");
+    let caller: Arc<str> = Arc::from("c");
+    let key = (0, caller.clone());
+    a.pause(key.clone(), Duration::from_secs(30));
+    let d = a.demand(0, &caller, &Method::GET, "/x", Priority::Normal);
+    assert!(d.layers.is_empty());
+    let refused = a
+        .admit(d, Some(key.clone()), Duration::from_secs(5))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.reason, ShedReason::UpstreamPaused);
+    assert_eq!(refused.retry_after, Duration::from_secs(30));
+    assert_eq!(refused.policy, None);
+    // Within max_wait it waits the pause out, then goes.
+    let d = a.demand(0, &caller, &Method::GET, "/x", Priority::Normal);
+    let start = Instant::now();
+    a.admit(d, Some(key), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .commit();
+    assert!(
+        start.elapsed() >= Duration::from_secs(29),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// A shared store whose every answer is the upstream's pause (as Redis' script gives it).
+struct PausedStore(std::sync::Mutex<Vec<Option<String>>>);
+
+impl Backend for PausedStore {
+    fn take(
+        self: Arc<Self>,
+        _demand: Arc<Demand>,
+        _ahead: Vec<u64>,
+        pause: Option<String>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Grant, Blocked>> {
+        self.0.lock().unwrap().push(pause);
+        Box::pin(std::future::ready(Err(Blocked {
+            kind: BlockKind::Paused,
+            wait: Some(20_000_000_000),
+        })))
+    }
+    fn refund(&self, _: &Taken) {}
+    fn release(&self, _: &Taken) {}
+    fn record_sent(&self, _: &Demand) {}
+    fn is_remote(&self) -> bool {
+        true
+    }
+    fn usage(&self) -> Vec<(LayerKey, u64, u64)> {
+        Vec::new()
+    }
+    fn key_count(&self) -> usize {
+        0
+    }
+    fn has_key(&self, _: &LayerKey) -> bool {
+        false
+    }
+    fn sweep(&self) {}
+    fn status(&self) -> BackendStatus {
+        BackendStatus {
+            kind: "paused",
+            up: true,
+            replicas: 2,
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_pause_is_shed_as_a_pause_without_an_unrelated_policy() {
+    // Limits exist, but none is what refuses: another replica's upstream 429 is.
+    let (c, set) = crate::limit::test_limits(TEN_PER_SECOND);
+    let set = Arc::new(set);
+    let store = Arc::new(PausedStore(Default::default()));
+    let a = Admission::with_backend(
+        set,
+        store.clone(),
+        Clock::default(),
+        c.queue.clone(),
+        c.identity.max_keys,
+    );
+    let caller: Arc<str> = Arc::from("c");
+    let refused = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            Some((3, caller)),
+            Duration::from_secs(5),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.reason, ShedReason::UpstreamPaused);
+    assert_eq!(refused.retry_after, Duration::from_secs(20));
+    assert_eq!(refused.policy, None);
+    // The store was asked under the name the pause is shared by.
+    assert_eq!(*store.0.lock().unwrap(), vec![Some("3:c".to_string())]);
+    // Waiting for a pause within max_wait and timing out still says why.
+    let refused = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            Some((3, Arc::from("c"))),
+            Duration::from_secs(25),
+        )
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(refused.reason, ShedReason::UpstreamPaused);
+    assert_eq!(refused.policy, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sends_recorded_for_distinct_clients_share_the_overflow_key_too() {
+    // `tokens/me` look-ups are counted for whatever client the upstream names.
+    let text = format!("{TEN_PER_SECOND}\n[identity]\nmax_keys = 100\n");
+    let a = admission(&text);
+    for i in 0..100_000 {
+        a.record_sent(0, &Arc::from(format!("client-{i}")), &Method::GET, "/x");
+    }
+    assert!(a.keys() <= 101, "{}", a.keys());
+}

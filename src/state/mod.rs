@@ -64,10 +64,13 @@ pub type SharedAdaptive = (u64, Arc<Vec<(String, String)>>);
 /// A store of limit counters. `take` is one atomic step: room in every layer, or nothing.
 pub trait Backend: Send + Sync + 'static {
     /// Reserves room for `demand`; `ahead[i]` requests wait before it on `demand.layers[i]`.
+    /// `pause` names the caller's upstream pause as given to [`Backend::pause`]: a shared
+    /// store refuses with [`crate::limit::BlockKind::Paused`] while it lasts.
     fn take(
         self: Arc<Self>,
         demand: Arc<Demand>,
         ahead: Vec<u64>,
+        pause: Option<String>,
     ) -> BoxFuture<'static, Result<Grant, Blocked>>;
     /// Gives back everything a request reserved (refused or cancelled before it was sent).
     fn refund(&self, taken: &Taken);
@@ -151,6 +154,8 @@ impl Backend for LocalBackend {
         self: Arc<Self>,
         demand: Arc<Demand>,
         ahead: Vec<u64>,
+        // Pauses are the queue's own here: it never asks while one lasts.
+        _pause: Option<String>,
     ) -> BoxFuture<'static, Result<Grant, Blocked>> {
         let result = self.take_now(&demand, &ahead);
         Box::pin(std::future::ready(result))

@@ -21,7 +21,9 @@
 use super::{Backend, BackendStatus, Clock, Grant, SharedAdaptive};
 use crate::config::{RedisMode, StateConfig};
 use crate::limit::window::Nanos;
-use crate::limit::{scaled, Blocked, Demand, Headroom, KeyPart, LayerKey, Ledger, LimitSet, Taken};
+use crate::limit::{
+    scaled, BlockKind, Blocked, Demand, Headroom, KeyPart, LayerKey, Ledger, LimitSet, Taken,
+};
 use futures_util::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
@@ -38,9 +40,10 @@ use tokio::time::Instant;
 ///
 /// KEYS: one per layer, then the pause key. ARGV: layer count, member, then per layer
 /// kind (1 rate, 2 concurrency), ceiling, span in µs (window or lease), ahead, quota.
-/// Returns `{1, now_us, tight_key, remaining, reset_us, counts...}` or
-/// `{0, wait_us (-1: concurrency), key, paused, 0, counts...}`, where `counts` is each key's
-/// use as seen by this admission.
+/// Returns `{1, now_us, tight_key, remaining, reset_us, counts...}`,
+/// `{0, wait_us (-1: concurrency), key, 0, 0, counts...}` when a layer blocks, or
+/// `{0, pause_us, 0, 1, 0}` while the upstream's pause lasts (no layer involved), where
+/// `counts` is each key's use as seen by this admission.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -350,6 +353,60 @@ impl Target {
     }
 }
 
+/// The shared use last seen per rate key: (count, when). Keys are caller input, so the map
+/// is bounded: entries leave once their window has passed (they would pad nothing), and at
+/// `max` keys a new key is not remembered until such entries are gone.
+struct Observed {
+    seen: HashMap<LayerKey, (u64, Nanos)>,
+    max: usize,
+    /// When the map was last pruned; a full map is pruned at most every `PRUNE_EVERY`, so a
+    /// flood of new keys costs O(1) per admission.
+    pruned_at: Option<Nanos>,
+}
+
+/// Least time between two prunings of a full [`Observed`] map.
+const PRUNE_EVERY: Nanos = 1_000_000_000;
+
+impl Observed {
+    fn new(max: usize) -> Self {
+        Observed {
+            seen: HashMap::new(),
+            max: max.max(1),
+            pruned_at: None,
+        }
+    }
+
+    /// Remembers `count` for `layer` seen at `now`, unless the map is full of live keys.
+    fn insert(&mut self, set: &LimitSet, layer: &LayerKey, count: u64, now: Nanos) {
+        if let Some(entry) = self.seen.get_mut(layer) {
+            *entry = (count, now);
+            return;
+        }
+        if self.seen.len() >= self.max
+            && self
+                .pruned_at
+                .is_none_or(|at| now.saturating_sub(at) >= PRUNE_EVERY)
+        {
+            self.prune(set, now);
+        }
+        // Full of keys seen within their window: this one is not padded on a switch to
+        // local shares (its replica's own sends still are, through the mirror).
+        if self.seen.len() < self.max {
+            self.seen.insert(layer.clone(), (count, now));
+        }
+    }
+
+    /// Forgets keys whose window has passed since they were seen.
+    fn prune(&mut self, set: &LimitSet, now: Nanos) {
+        self.seen.retain(|layer, (_, at)| {
+            set.specs
+                .get(layer.limit)
+                .is_some_and(|spec| now.saturating_sub(*at) < spec.window)
+        });
+        self.pruned_at = Some(now);
+    }
+}
+
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
@@ -375,8 +432,8 @@ pub struct RedisBackend {
     fallback: Mutex<(u64, Arc<LimitSet>, Ledger)>,
     /// Concurrency leases this replica holds: member → keys, renewed by the heartbeat.
     leases: Mutex<HashMap<u64, Vec<String>>>,
-    /// Last shared use seen per rate key: (count, when).
-    observed: Mutex<HashMap<LayerKey, (u64, Nanos)>>,
+    /// Last shared use seen per rate key, for the switch to local shares; bounded.
+    observed: Mutex<Observed>,
     /// True while decisions are made with local shares.
     in_fallback: AtomicBool,
     /// When this replica replayed its local sends into Redis after an outage; Redis is
@@ -392,14 +449,28 @@ pub struct RedisBackend {
 
 impl RedisBackend {
     /// Creates the backend and starts its heartbeat; Redis may be down at this point.
+    /// `max_keys` bounds what it remembers per caller key (`[identity] max_keys`).
     pub fn start(
         set: Arc<LimitSet>,
         clock: Clock,
         cfg: StateConfig,
+        max_keys: usize,
     ) -> Result<Arc<RedisBackend>, redis::RedisError> {
+        let backend = Arc::new(Self::new(set, clock, cfg, max_keys)?);
+        tokio::spawn(heartbeat(Arc::downgrade(&backend)));
+        Ok(backend)
+    }
+
+    /// The backend without its heartbeat: it does not connect by itself.
+    fn new(
+        set: Arc<LimitSet>,
+        clock: Clock,
+        cfg: StateConfig,
+        max_keys: usize,
+    ) -> Result<RedisBackend, redis::RedisError> {
         let target = Target::new(&cfg)?;
         let replicas = cfg.replicas.max(1);
-        let backend = Arc::new(RedisBackend {
+        Ok(RedisBackend {
             fallback: Mutex::new((replicas, Arc::new(set.scaled(replicas)), Ledger::new())),
             set,
             clock,
@@ -418,14 +489,12 @@ impl RedisBackend {
                 backoff: Duration::from_millis(250),
             }),
             leases: Mutex::new(HashMap::new()),
-            observed: Mutex::new(HashMap::new()),
+            observed: Mutex::new(Observed::new(max_keys)),
             in_fallback: AtomicBool::new(false),
             replayed_at: Mutex::new(None),
             peers_back: AtomicBool::new(false),
             cfg,
-        });
-        tokio::spawn(heartbeat(Arc::downgrade(&backend)));
-        Ok(backend)
+        })
     }
 
     fn key(&self, layer: &LayerKey, concurrency: bool) -> String {
@@ -605,6 +674,7 @@ impl RedisBackend {
         demand: &Demand,
         ahead: &[u64],
         keys: &[(LayerKey, bool)],
+        pause: Option<&str>,
         id: u64,
     ) -> Result<Vec<i64>, redis::RedisError> {
         let class = demand.priority.index();
@@ -636,7 +706,8 @@ impl RedisBackend {
             inv.key(self.key(layer, *cap));
             inv.arg(kind).arg(ceil).arg(span).arg(a).arg(quota);
         }
-        inv.key(self.pause_key(&demand_pause_key(demand)));
+        // Without a caller to pause, a key no one sets: the script's check finds nothing.
+        inv.key(self.pause_key(pause.unwrap_or("-")));
         inv.invoke_async(conn).await
     }
 
@@ -657,7 +728,7 @@ impl RedisBackend {
         if let Ok(mut seen) = self.observed.lock() {
             for ((layer, cap), &count) in keys.iter().zip(counts) {
                 if !cap {
-                    seen.insert(layer.clone(), (count.max(0) as u64, now));
+                    seen.insert(&self.set, layer, count.max(0) as u64, now);
                 }
             }
         }
@@ -676,7 +747,7 @@ impl RedisBackend {
         let seen: Vec<(LayerKey, Nanos)> = self
             .observed
             .lock()
-            .map(|mut s| s.drain().map(|(k, (_, at))| (k, at)).collect())
+            .map(|mut s| s.seen.drain().map(|(k, (_, at))| (k, at)).collect())
             .unwrap_or_default();
         self.local(|set, ledger, now| {
             for (layer, at) in seen {
@@ -792,19 +863,12 @@ impl RedisBackend {
     }
 }
 
-fn demand_pause_key(demand: &Demand) -> String {
-    let caller = demand.layers.iter().find_map(|l| match &l.part {
-        KeyPart::Client(c) | KeyPart::ClientEndpoint(c, _) => Some(c.clone()),
-        _ => None,
-    });
-    format!("{}:{}", demand.upstream, caller.as_deref().unwrap_or("*"))
-}
-
 impl Backend for RedisBackend {
     fn take(
         self: Arc<Self>,
         demand: Arc<Demand>,
         ahead: Vec<u64>,
+        pause: Option<String>,
     ) -> BoxFuture<'static, Result<Grant, Blocked>> {
         Box::pin(async move {
             let Some(mut conn) = self.connection() else {
@@ -819,13 +883,30 @@ impl Backend for RedisBackend {
             let id = self.seq.fetch_add(1, Ordering::Relaxed);
             let answer = tokio::time::timeout(
                 self.cfg.timeout.0,
-                self.take_shared(&mut conn, &demand, &ahead, &keys, id),
+                self.take_shared(&mut conn, &demand, &ahead, &keys, pause.as_deref(), id),
             )
             .await;
+            // The 1-based index of one of this admission's keys.
+            let key_at = |i: i64| {
+                usize::try_from(i)
+                    .ok()
+                    .and_then(|i| i.checked_sub(1))
+                    .and_then(|i| keys.get(i))
+                    .map(|(l, _)| l.clone())
+            };
             let failure = match &answer {
-                Ok(Ok(v)) if v.len() >= 5 + keys.len() => None,
                 // A shared upstream pause answers before counting: no per-key counts.
                 Ok(Ok(v)) if v.len() == 5 && v[0] == 0 && v[3] == 1 => None,
+                Ok(Ok(v))
+                    if v.len() >= 5 + keys.len()
+                        && match v[0] {
+                            1 => v[2] == 0 || key_at(v[2]).is_some(),
+                            0 => key_at(v[2]).is_some(),
+                            _ => false,
+                        } =>
+                {
+                    None
+                }
                 Ok(Ok(_)) => Some("unexpected script answer".to_string()),
                 Ok(Err(e)) => Some(e.to_string()),
                 Err(_) => Some("timeout".to_string()),
@@ -840,16 +921,6 @@ impl Backend for RedisBackend {
             };
             self.succeeded();
             self.observe(&keys, &v[5..]);
-            let layer_at = |i: i64| {
-                let i = usize::try_from(i - 1).unwrap_or(0);
-                keys.get(i)
-                    .or(keys.first())
-                    .map(|(l, _)| l.clone())
-                    .unwrap_or(LayerKey {
-                        limit: 0,
-                        part: KeyPart::Global,
-                    })
-            };
             if v[0] == 1 {
                 let mut taken =
                     self.local(|set, ledger, now| ledger.record(set, now, &demand.layers));
@@ -860,8 +931,7 @@ impl Backend for RedisBackend {
                         leases.insert(id, conc);
                     }
                 }
-                let headroom = (v[2] > 0 && v[3] >= 0).then(|| {
-                    let layer = layer_at(v[2]);
+                let headroom = key_at(v[2]).filter(|_| v[3] >= 0).map(|layer| {
                     let scale = demand
                         .layers
                         .iter()
@@ -879,11 +949,13 @@ impl Backend for RedisBackend {
                 Ok(Grant { taken, headroom })
             } else {
                 let wait = (v[1] >= 0).then(|| (v[1] as Nanos).saturating_mul(1000));
-                Err(Blocked {
-                    layer: layer_at(v[2]),
-                    wait,
-                    paused: v[3] == 1,
-                })
+                // Checked above: a refusal names one of this admission's keys, or is a pause.
+                let kind = match key_at(v[2]) {
+                    _ if v[3] == 1 => BlockKind::Paused,
+                    Some(layer) => BlockKind::Layer(layer),
+                    None => BlockKind::Unanswered,
+                };
+                Err(Blocked { kind, wait })
             }
         })
     }
@@ -985,6 +1057,10 @@ impl Backend for RedisBackend {
         self.local(|set, ledger, now| {
             ledger.sweep(set, now);
         });
+        let now = self.clock.now();
+        if let Ok(mut seen) = self.observed.lock() {
+            seen.prune(&self.set, now);
+        }
     }
 
     fn status(&self) -> BackendStatus {
@@ -1141,7 +1217,52 @@ async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<(u64, u64), redi
 
 #[cfg(test)]
 mod tests {
-    use super::key_slot;
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn observed_use_of_distinct_keys_stays_bounded() {
+        let (c, set) = crate::limit::test_limits(
+            "[state]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:1/\"\n\
+             [[limit]]\nname = \"per-client\"\nscope = \"client\"\nrequests = 10\nper = \"2s\"\n",
+        );
+        let set = Arc::new(set);
+        let max = 1000;
+        // No heartbeat: it never connects, and nothing but this test touches the map.
+        let b = RedisBackend::new(set.clone(), Clock::default(), c.state.clone(), max).unwrap();
+        let key = |i: u64| {
+            (
+                LayerKey {
+                    limit: 0,
+                    part: KeyPart::Client(Arc::from(format!("caller-{i}"))),
+                },
+                false,
+            )
+        };
+        let len = || b.observed.lock().unwrap().seen.len();
+        for i in 0..100_000 {
+            b.observe(&[key(i)], &[3]);
+            assert!(len() <= max, "{} keys after {i}", len());
+        }
+        // A key already remembered is still updated while the map is full.
+        b.observe(&[key(0)], &[7]);
+        assert_eq!(b.observed.lock().unwrap().seen[&key(0).0].0, 7);
+        // Once their window has passed, new keys take their place.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        for i in 100_000..200_000 {
+            b.observe(&[key(i)], &[1]);
+            assert!(len() <= max, "{} keys after {i}", len());
+        }
+        assert!(b
+            .observed
+            .lock()
+            .unwrap()
+            .seen
+            .contains_key(&key(100_000).0));
+        // The regular sweep forgets what no switch to local shares would pad.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        b.sweep();
+        assert_eq!(len(), 0);
+    }
 
     #[test]
     fn slots_follow_redis_cluster() {
