@@ -56,14 +56,13 @@ impl Stage for Admit {
                     .demand(upstream, &caller.key, req.method(), &m.path, priority);
             let (version, shared) = proxy.admission.shared_adaptive();
             proxy.adaptive.merge(version, &shared);
-            let scale = proxy.adaptive.scale(&(upstream, caller.key.clone()));
+            let client_key = (upstream, caller.key.clone());
+            let scale = proxy.adaptive.scale(&client_key);
             demand.rate_scale = scale.rate;
             demand.client_scale = scale.client;
             let _ = labels.endpoint.set(demand.endpoint.label.clone());
             let mut req = req;
             req.extensions_mut().insert(Admitted(demand.layers.clone()));
-            // The limits this request is admitted under, so its 429 is judged against them.
-            req.extensions_mut().insert(scale.generation);
             let max_wait = m.route.max_wait.unwrap_or(proxy.config.queue.max_wait.0);
             let reservation = proxy
                 .admission
@@ -79,6 +78,10 @@ impl Stage for Admit {
                         "shed before the upstream",
                     )
                 })?;
+            // The limits the request was admitted under (the queue applies the scale in force
+            // at admission), so that its 429 is judged against them.
+            req.extensions_mut()
+                .insert(proxy.adaptive.scale(&client_key).generation);
             let upstream_label = labels
                 .upstream
                 .get()

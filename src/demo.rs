@@ -332,7 +332,9 @@ async fn phase(
 /// the client fewer requests per window than pacer's configured quota.
 pub async fn run(duration: Duration, sim_limit: Option<u64>) -> Result<bool, DemoError> {
     let half = (duration / 2).max(Duration::from_secs(3));
-    let real = sim_limit.unwrap_or(QUOTA).clamp(1, QUOTA);
+    // Below 200 the IVR's 36 calls per window outgrow the 20% critical reserve of the
+    // real budget and queue (no 429, but the point of the demo is lost).
+    let real = sim_limit.unwrap_or(QUOTA).clamp(200, QUOTA);
     println!("pacer demo: a runaway bulk export and IVR Data Actions share one OAuth client.");
     println!(
         "The simulator enforces Genesys' limits with time scaled 10x: {real} requests per {WINDOW_SECS} s per client \

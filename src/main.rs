@@ -25,9 +25,10 @@ enum Command {
         /// How long the whole demo runs (both phases).
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         duration: Duration,
-        /// Requests per window the simulator really grants the client (below pacer's
-        /// configured 300): pacer learns the smaller budget and the table shows it.
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=300))]
+        /// Requests per window the simulator really grants the client, below pacer's
+        /// configured 300: pacer learns the smaller budget and the table shows it. At least
+        /// 200, so that the IVR's 36 calls per window still fit the 20% critical reserve.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(200..=300))]
         sim_limit: Option<u64>,
     },
     /// Serve with a configuration file.

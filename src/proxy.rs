@@ -231,11 +231,17 @@ impl Proxy {
                 config.identity.token_cache_margin.0,
             ))
         });
+        let adaptive = Arc::new(Adaptive::new(
+            config.adaptive.clone(),
+            config.identity.max_keys,
+        ));
+        let scales = adaptive.clone();
+        admission.set_scaler(Arc::new(move |key| {
+            let s = scales.scale(key);
+            (s.rate, s.client)
+        }));
         Ok(Arc::new(Proxy {
-            adaptive: Arc::new(Adaptive::new(
-                config.adaptive.clone(),
-                config.identity.max_keys,
-            )),
+            adaptive,
             broker,
             resolver,
             identity: Arc::new(identity),

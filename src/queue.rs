@@ -16,7 +16,7 @@ use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -120,9 +120,31 @@ struct Shared {
     clock: Clock,
     state: Mutex<State>,
     wake: Arc<Notify>,
+    /// The adaptive scale of a caller now (see [`Admission::set_scaler`]).
+    scaler: OnceLock<Scaler>,
 }
 
+/// The shares of its rate ceilings a caller may use now: (every layer, its per-client
+/// layer), as [`Demand::rate_scale`] and [`Demand::client_scale`].
+pub type Scaler = Arc<dyn Fn(&PauseKey) -> (f64, f64) + Send + Sync>;
+
 impl Shared {
+    /// The demand under the adaptive scale in force now: a request that waited through a
+    /// cut or a newly learned ceiling is admitted under it, not the one it arrived with.
+    fn rescaled(&self, demand: Arc<Demand>, key: Option<&PauseKey>) -> Arc<Demand> {
+        let (Some(scaler), Some(key)) = (self.scaler.get(), key) else {
+            return demand;
+        };
+        let (rate, client) = scaler(key);
+        if rate == demand.rate_scale && client == demand.client_scale {
+            return demand;
+        }
+        let mut d = (*demand).clone();
+        d.rate_scale = rate;
+        d.client_scale = client;
+        Arc::new(d)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The queue's bookkeeping stays consistent per operation; after a panic elsewhere
         // keep serving with it.
@@ -136,6 +158,7 @@ impl Shared {
         ahead: Vec<u64>,
         pause: Option<&PauseKey>,
     ) -> Result<Grant, Blocked> {
+        let demand = self.rescaled(demand, pause);
         let backend = self.backend.clone();
         let pause = pause.map(shared_pause_name);
         if !backend.is_remote() {
@@ -193,9 +216,16 @@ impl Admission {
             clock,
             state: Mutex::new(State::default()),
             wake: wake.clone(),
+            scaler: OnceLock::new(),
         });
         tokio::spawn(schedule(Arc::downgrade(&shared), wake));
         Admission { shared }
+    }
+
+    /// Makes every admission attempt, also a waiting request's, use the adaptive scale in
+    /// force at that moment. Set once; later calls are ignored.
+    pub fn set_scaler(&self, scaler: Scaler) {
+        let _ = self.shared.scaler.set(scaler);
     }
 
     /// The compiled limits.
