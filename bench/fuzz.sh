@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_EACH="${FUZZ_SECONDS:-60}"
-TARGETS=(config path_template retry_after identity)
+TARGETS=(config path_template retry_after identity feedback_headers token_answer)
 
 replay_on_stable() {
   echo "fuzz.sh: $1; replaying the corpora on stable instead (tests/fuzz_smoke.rs)" >&2

@@ -9,6 +9,7 @@
 
 use crate::answer::{collect_limited, full, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
+use crate::feedback::IssuedToken;
 use crate::identity::{is_token_path, Generations, TokenHash};
 use crate::proxy::{call_next, Next, Proxy, Stage, StageFuture};
 use crate::route::RouteMatch;
@@ -77,20 +78,25 @@ impl TokenBroker {
         serde_json::to_vec(&token).ok().map(Bytes::from)
     }
 
-    /// Remembers an issued token (a successful answer to the request keyed `key`).
-    pub fn put(&self, key: TokenHash, body: &[u8]) {
-        let Ok(token) = serde_json::from_slice::<serde_json::Value>(body) else {
+    /// Remembers an issued token (a successful answer to the request keyed `key`); one
+    /// without a lifetime is not handed out again.
+    pub fn put(&self, key: TokenHash, issued: IssuedToken) {
+        let Some(lifetime) = issued.lifetime else {
             return;
         };
-        let Some(expires_in) = token.get("expires_in").and_then(|v| v.as_u64()) else {
+        // The lifetime is clamped already ([`crate::feedback::MAX_TOKEN_LIFETIME`]); an
+        // `Instant` that cannot be that far ahead still must not panic.
+        let Some(expires) = Instant::now().checked_add(lifetime) else {
             return;
         };
-        if token.get("access_token").and_then(|v| v.as_str()).is_none() {
-            return;
-        }
-        let expires = Instant::now() + Duration::from_secs(expires_in);
         if let Ok(mut entries) = self.entries.lock() {
-            entries.insert(key, Cached { token, expires });
+            entries.insert(
+                key,
+                Cached {
+                    token: issued.body,
+                    expires,
+                },
+            );
         }
     }
 
@@ -174,9 +180,10 @@ mod tests {
             b"grant_type=client_credentials",
         );
         assert!(b.get(&key).is_none());
+        let issued = |body: &[u8]| crate::feedback::issued_token(body).unwrap();
         b.put(
             key,
-            br#"{"access_token":"t","token_type":"bearer","expires_in":1000}"#,
+            issued(br#"{"access_token":"t","token_type":"bearer","expires_in":1000}"#),
         );
         let v: serde_json::Value = serde_json::from_slice(&b.get(&key).unwrap()).unwrap();
         assert_eq!(
@@ -199,5 +206,14 @@ mod tests {
             b.get(&other).is_none(),
             "other credentials never share a token"
         );
+        // An upstream's lifetime is believed up to 24 h; none at all is not cached.
+        b.put(
+            other,
+            issued(br#"{"access_token":"u","expires_in":18446744073709551615}"#),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&b.get(&other).unwrap()).unwrap();
+        assert_eq!(v["expires_in"].as_u64(), Some(86_400));
+        b.put(key, issued(br#"{"access_token":"t","expires_in":-1}"#));
+        assert!(b.get(&key).is_none());
     }
 }

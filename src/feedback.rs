@@ -11,75 +11,94 @@ use crate::proxy::{call_next, Labels, Next, Proxy, Stage, StageFuture};
 use crate::route::RouteMatch;
 use http::{HeaderMap, Request, Response, StatusCode};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Token responses read to learn the token, at most.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// Longest pause an upstream may impose through one answer.
-const MAX_PAUSE: Duration = Duration::from_secs(3600);
+/// Longest pause an upstream may impose through one answer (`Retry-After`,
+/// `inin-ratelimit-reset`): longer values, however written, pause for this long.
+pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
+
+/// Longest lifetime believed from a token answer's `expires_in` (Genesys issues tokens
+/// for at most 24 h): the token broker hands a token out no longer than this.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// How long the upstream asked callers to wait: `Retry-After` in seconds or as an HTTP
-/// date, else `inin-ratelimit-reset`.
+/// date, else `inin-ratelimit-reset` in seconds; at most [`MAX_PAUSE`]. A value that is
+/// neither (negative, fractional, garbage) is no answer.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let ra = headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    if let Some(v) = ra {
-        if let Ok(secs) = v.parse::<u64>() {
-            return Some(Duration::from_secs(secs).min(MAX_PAUSE));
-        }
-        if let Ok(at) = httpdate_parse(v) {
-            let left = at
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            return Some(left.min(MAX_PAUSE));
-        }
-    }
-    headers
-        .get("inin-ratelimit-reset")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s).min(MAX_PAUSE))
+    let value = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let from_retry_after = value(http::header::RETRY_AFTER.as_str()).and_then(|v| {
+        delay_seconds(v).or_else(|| {
+            // A date in the past asks for no pause at all.
+            let at = httpdate::parse_http_date(v).ok()?;
+            Some(
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            )
+        })
+    });
+    from_retry_after
+        .or_else(|| value("inin-ratelimit-reset").and_then(delay_seconds))
+        .map(|d| d.min(MAX_PAUSE))
 }
 
-fn httpdate_parse(v: &str) -> Result<std::time::SystemTime, humantime::TimestampError> {
-    humantime::parse_rfc3339_weak(v).or_else(|_| {
-        // IMF-fixdate, e.g. "Sun, 06 Nov 1994 08:49:37 GMT".
-        let parts: Vec<&str> = v.split_whitespace().collect();
-        if parts.len() != 6 {
-            return humantime::parse_rfc3339("invalid");
-        }
-        let month = match parts[2] {
-            "Jan" => 1,
-            "Feb" => 2,
-            "Mar" => 3,
-            "Apr" => 4,
-            "May" => 5,
-            "Jun" => 6,
-            "Jul" => 7,
-            "Aug" => 8,
-            "Sep" => 9,
-            "Oct" => 10,
-            "Nov" => 11,
-            "Dec" => 12,
-            _ => return humantime::parse_rfc3339("invalid"),
-        };
-        humantime::parse_rfc3339(&format!(
-            "{}-{:02}-{:0>2}T{}Z",
-            parts[3], month, parts[1], parts[4]
-        ))
-    })
+/// RFC 9110 `delay-seconds` (`1*DIGIT`): too many digits for a `u64` is still a (very
+/// long) delay, not garbage.
+fn delay_seconds(v: &str) -> Option<Duration> {
+    digits(v).map(|n| Duration::from_secs(n.unwrap_or(u64::MAX)))
+}
+
+/// A plain decimal number: `Some(None)` when it is one but does not fit a `u64`.
+fn digits(v: &str) -> Option<Option<u64>> {
+    (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.parse().ok())
 }
 
 /// The upstream's own count of the caller's requests in its window
-/// (`inin-ratelimit-count`), if it sent one.
+/// (`inin-ratelimit-count`), if it sent a plain number; one too large for a `u64` counts
+/// as `u64::MAX` (the ledger clamps it to what the key can hold).
 pub fn upstream_count(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get("inin-ratelimit-count")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+    let v = headers.get("inin-ratelimit-count")?.to_str().ok()?.trim();
+    digits(v).map(|n| n.unwrap_or(u64::MAX))
+}
+
+/// What pacer learns from a successful token answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuedToken {
+    /// The whole answer, as JSON.
+    pub body: serde_json::Value,
+    pub access_token: String,
+    /// `expires_in`, at most [`MAX_TOKEN_LIFETIME`]; `None` when missing or not a
+    /// non-negative number (or a string of one).
+    pub lifetime: Option<Duration>,
+}
+
+/// Parses a token answer (`{"access_token": .., "expires_in": ..}`); `None` when it is
+/// not JSON with a string `access_token`. Nothing in it can panic or overflow pacer.
+pub fn issued_token(bytes: &[u8]) -> Option<IssuedToken> {
+    let body: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let access_token = body.get("access_token")?.as_str()?.to_string();
+    let secs = match body.get("expires_in") {
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    // `f64` covers integers, fractions and numeric strings alike; NaN and negatives fail
+    // the comparison, and the clamp comes before the conversion, which panics past u64.
+    let lifetime = secs
+        .filter(|s| *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(MAX_TOKEN_LIFETIME.as_secs_f64())));
+    Some(IssuedToken {
+        body,
+        access_token,
+        lifetime,
+    })
 }
 
 /// Largest `inin-ratelimit-allowed` taken at face value; anything larger is no ceiling.
@@ -90,10 +109,7 @@ const MAX_ALLOWED: u64 = 1 << 40;
 /// digits is ignored, huge values are capped (a cap above the configured value is no cap).
 pub fn upstream_allowed(headers: &HeaderMap) -> Option<u64> {
     let v = headers.get("inin-ratelimit-allowed")?.to_str().ok()?.trim();
-    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(v.parse::<u64>().unwrap_or(MAX_ALLOWED).min(MAX_ALLOWED))
+    digits(v).map(|n| n.unwrap_or(MAX_ALLOWED).min(MAX_ALLOWED))
 }
 
 /// The learning stage.
@@ -208,17 +224,12 @@ async fn learn_token(
                 format!("token response: {e}"),
             )
         })?;
-    #[derive(serde::Deserialize)]
-    struct Issued {
-        access_token: String,
-        #[serde(default)]
-        expires_in: Option<u64>,
-    }
-    if let Ok(issued) = serde_json::from_slice::<Issued>(&bytes) {
-        let ttl = Duration::from_secs(issued.expires_in.unwrap_or(86_400));
+    if let Some(issued) = issued_token(&bytes) {
+        // Without a usable lifetime the token is remembered as long as any may live.
+        let ttl = issued.lifetime.unwrap_or(MAX_TOKEN_LIFETIME);
         proxy.identity.learn(&issued.access_token, &caller.key, ttl);
         if let (Some(broker), Some(BrokerKey(key))) = (&proxy.broker, broker_key) {
-            broker.put(key, &bytes);
+            broker.put(key, issued);
         }
     }
     parts.headers.remove(http::header::CONTENT_LENGTH);
@@ -259,10 +270,143 @@ mod tests {
         assert_eq!(allowed("0"), Some(0));
         assert_eq!(allowed("18446744073709551615"), Some(MAX_ALLOWED));
         assert_eq!(allowed("99999999999999999999"), Some(MAX_ALLOWED));
-        assert_eq!(allowed("999999999999999999999999"), None);
+        assert_eq!(allowed("999999999999999999999999"), Some(MAX_ALLOWED));
         for bad in ["-1", "+5", "1e3", "3.5", "", "ten", "0x10"] {
             assert_eq!(allowed(bad), None, "{bad:?}");
         }
         assert_eq!(upstream_allowed(&HeaderMap::new()), None);
+    }
+
+    fn pause_of(pairs: &[(&'static str, &'static str)]) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        retry_after(&h)
+    }
+
+    #[test]
+    fn every_http_date_form_and_its_extremes() {
+        // RFC 9110 §5.6.7: IMF-fixdate, obsolete RFC 850 and asctime forms.
+        for past in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Thu, 01 Jan 1970 00:00:00 GMT",
+        ] {
+            assert_eq!(
+                pause_of(&[("retry-after", past)]),
+                Some(Duration::ZERO),
+                "{past}"
+            );
+        }
+        for future in ["Fri, 31 Dec 9999 23:59:59 GMT", "Fri Dec 31 23:59:59 9999"] {
+            assert_eq!(
+                pause_of(&[("retry-after", future)]),
+                Some(MAX_PAUSE),
+                "{future}"
+            );
+        }
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_str(&soon).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn hostile_numbers_are_clamped_or_ignored() {
+        for huge in [
+            "18446744073709551615",
+            "18446744073709551616",
+            "999999999999999999999999",
+        ] {
+            assert_eq!(
+                pause_of(&[("retry-after", huge)]),
+                Some(MAX_PAUSE),
+                "{huge}"
+            );
+            assert_eq!(
+                pause_of(&[("inin-ratelimit-reset", huge)]),
+                Some(MAX_PAUSE),
+                "{huge}"
+            );
+        }
+        for bad in [
+            "-1",
+            "1e309",
+            "1.5",
+            "+5",
+            "",
+            "0x10",
+            "Fri, 32 Dec 9999 25:00:00 GMT",
+            "soon",
+        ] {
+            assert_eq!(pause_of(&[("retry-after", bad)]), None, "{bad:?}");
+            assert_eq!(pause_of(&[("inin-ratelimit-reset", bad)]), None, "{bad:?}");
+        }
+        // Garbage in `Retry-After` leaves `inin-ratelimit-reset` to answer.
+        assert_eq!(
+            pause_of(&[("retry-after", "-1"), ("inin-ratelimit-reset", "9")]),
+            Some(Duration::from_secs(9))
+        );
+        let count = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("inin-ratelimit-count", HeaderValue::from_static(v));
+            upstream_count(&h)
+        };
+        assert_eq!(count(" 18 "), Some(18));
+        assert_eq!(count("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(count("99999999999999999999999"), Some(u64::MAX));
+        for bad in ["-1", "1e309", "3.5", "", "ten"] {
+            assert_eq!(count(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn token_lifetimes_are_clamped_and_garbage_is_no_lifetime() {
+        let life = |body: &str| issued_token(body.as_bytes()).map(|t| t.lifetime);
+        let day = Some(Some(MAX_TOKEN_LIFETIME));
+        assert_eq!(
+            life(r#"{"access_token":"t","expires_in":3600}"#),
+            Some(Some(Duration::from_secs(3600)))
+        );
+        assert_eq!(
+            life(r#"{"access_token":"t","expires_in":18446744073709551615}"#),
+            day
+        );
+        assert_eq!(life(r#"{"access_token":"t","expires_in":1e300}"#), day);
+        assert_eq!(life(r#"{"access_token":"t","expires_in":"1e309"}"#), day);
+        assert_eq!(
+            life(r#"{"access_token":"t","expires_in":" 60 "}"#),
+            Some(Some(Duration::from_secs(60)))
+        );
+        assert_eq!(
+            life(r#"{"access_token":"t","expires_in":1.5}"#),
+            Some(Some(Duration::from_millis(1500)))
+        );
+        for none in [
+            r#"{"access_token":"t"}"#,
+            r#"{"access_token":"t","expires_in":-1}"#,
+            r#"{"access_token":"t","expires_in":-1e300}"#,
+            r#"{"access_token":"t","expires_in":"NaN"}"#,
+            r#"{"access_token":"t","expires_in":"soon"}"#,
+            r#"{"access_token":"t","expires_in":null}"#,
+            r#"{"access_token":"t","expires_in":[1]}"#,
+        ] {
+            assert_eq!(life(none), Some(None), "{none}");
+        }
+        // Not a token answer at all: a number JSON cannot hold, no token, not JSON.
+        for not in [
+            r#"{"access_token":"t","expires_in":1e309}"#,
+            r#"{"access_token":7,"expires_in":60}"#,
+            r#"[1,2]"#,
+            "garbage",
+        ] {
+            assert_eq!(life(not), None, "{not}");
+        }
     }
 }

@@ -240,12 +240,16 @@ impl Identity {
     /// Remembers that `token` belongs to `client` (seen in a proxied `/oauth/token` exchange).
     pub fn learn(&self, token: &str, client: &str, ttl: Duration) {
         let ttl = ttl.min(self.config.token_ttl.0);
+        // `ttl` may come from an upstream's answer: no `Instant` overflow, whatever it says.
+        let Some(expires) = Instant::now().checked_add(ttl) else {
+            return;
+        };
         if let Ok(mut t) = self.tokens.lock() {
             t.insert(
                 hash_secret(token),
                 Learned {
                     client: Some(Arc::from(client)),
-                    expires: Instant::now() + ttl,
+                    expires,
                 },
             );
         }

@@ -1,8 +1,8 @@
 //! pacer: a rate-limiting reverse proxy for the Genesys Cloud Platform API.
 //!
 //! The request path is assembled in one place, [`proxy::Proxy::pipeline`]:
-//! guard → route → access → identify → broker → admit (classify, quotas, queue) → learn →
-//! forward.
+//! guard → route → access → buffer → identify → broker → admit (classify, quotas, queue) →
+//! learn → forward.
 
 pub mod adaptive;
 pub mod admin;
@@ -10,6 +10,7 @@ pub mod admit;
 pub mod answer;
 pub mod app;
 pub mod broker;
+pub mod buffer;
 pub mod config;
 pub mod demo;
 pub mod endpoint;

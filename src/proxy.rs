@@ -8,6 +8,7 @@ use crate::adaptive::Adaptive;
 use crate::admit::Admit;
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, FromCache, TokenBroker};
+use crate::buffer::BufferBody;
 use crate::config::{Config, Priority, StateBackend};
 use crate::error::ProxyError;
 use crate::feedback::Learn;
@@ -274,6 +275,9 @@ impl Proxy {
             .layer(StageLayer::new(RouteStage::new(p())))
             // Route-level gates: source address ranges and inbound keys.
             .layer(StageLayer::new(Access::new(p())))
+            // Read small bodies whole: a broken or unfinished one is answered here, before it
+            // can cost a token look-up, quota or an upstream connection.
+            .layer(StageLayer::new(BufferBody::new(p())))
             // Who is calling: the OAuth client behind the token, or the route's identity source.
             .layer(StageLayer::new(Identify::new(p())))
             // Token broker: a repeated client-credentials token request gets the issued token.

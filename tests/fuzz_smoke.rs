@@ -115,8 +115,51 @@ fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// `name: value` lines of the headers pacer learns numbers from, with hostile values.
+fn feedback_lines() -> impl Strategy<Value = String> {
+    let name = prop::sample::select(vec![
+        "retry-after",
+        "inin-ratelimit-count",
+        "inin-ratelimit-allowed",
+        "inin-ratelimit-reset",
+    ]);
+    let value = prop_oneof![
+        header_bytes().prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        Just("18446744073709551615".to_string()),
+        "-?[0-9]{1,30}",
+        "-?[0-9]{1,3}(\\.[0-9]{1,3})?(e-?[0-9]{1,4})?",
+        "(Sun|Sunday), [0-9]{2}(-| )(Nov|Dec)(-| )[0-9]{2,4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT",
+    ];
+    prop::collection::vec((name, value).prop_map(|(n, v)| format!("{n}: {v}")), 0..6)
+        .prop_map(|lines| lines.join("\n"))
+}
+
+/// `expires_in` values of every JSON kind, hostile ones included.
+fn expires_in() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<u64>().prop_map(|n| n.to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<f64>().prop_map(|n| n.to_string()),
+        "-?[0-9]{1,3}(\\.[0-9]{1,3})?(e-?[0-9]{1,4})?",
+        "\"[ -~]{0,24}\"",
+        Just("null".to_string()),
+        Just("[]".to_string()),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn learned_header_numbers_stay_bounded(lines in feedback_lines()) {
+        fuzz_targets::feedback_headers(lines.as_bytes());
+    }
+
+    #[test]
+    fn token_answers_stay_bounded(e in expires_in()) {
+        let body = format!(r#"{{"access_token":"t","token_type":"bearer","expires_in":{e}}}"#);
+        fuzz_targets::token_answer(body.as_bytes());
+    }
 
     #[test]
     fn config_parse_never_panics(doc in config_doc()) {
@@ -206,6 +249,7 @@ fn fuzz_corpora_replay_without_panic() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut replayed = 0;
     for (name, body) in fuzz_targets::TARGETS {
+        let before = replayed;
         for dir in ["corpus", "artifacts"] {
             let Ok(entries) = std::fs::read_dir(root.join(dir).join(name)) else {
                 continue;
@@ -221,6 +265,7 @@ fn fuzz_corpora_replay_without_panic() {
                 replayed += 1;
             }
         }
+        assert!(replayed > before, "no seed corpus for target {name}");
     }
     assert!(
         replayed >= fuzz_targets::TARGETS.len(),

@@ -173,20 +173,19 @@ async fn slow_upload_is_aborted_after_body_idle_timeout() {
         writer.abort();
         assert!(closed.is_ok(), "still open after 6s: {}", show(&answer));
         assert!(took < Duration::from_secs(4), "closed after {took:?}");
+        // The client is still there to read it: pacer's own 408.
         let statuses = response_statuses(&answer);
+        assert_eq!(statuses, [408], "{}", show(&answer));
         assert!(
-            statuses.is_empty() || statuses == [408],
+            show(&answer).contains("\"status\":408"),
             "{}",
             show(&answer)
         );
 
-        // The upstream saw the request start and then be aborted, never completed.
-        bad.wait_for(1).await;
-        let seen = bad.records();
-        assert_eq!(seen.len(), 1, "{seen:?}");
-        assert!(!seen[0].complete, "{:?}", seen[0]);
-        assert!(seen[0].line.starts_with("POST /api/upload "));
-        assert_eq!(show(&seen[0].framed_body), "0123456789");
+        // The body was read whole before anything else (it is under buffer_body_bytes):
+        // the upstream never saw the request.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(bad.connections(), 0, "{:?}", bad.records());
         bystander.assert_served().await;
     })
     .await;

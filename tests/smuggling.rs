@@ -1,7 +1,9 @@
 //! Request smuggling and broken bodies, over raw sockets: for every ambiguous or broken
 //! framing, the upstream sees exactly one well-formed request (checked byte for byte by a
-//! raw recording upstream) or nothing whole, and the client gets one normal answer or a
-//! 400 and a closed connection — never two requests upstream from one payload.
+//! raw recording upstream) or nothing at all, and the client gets one normal answer or a
+//! 400 and a closed connection — never two requests upstream from one payload, never part
+//! of one. Bodies up to `buffer_body_bytes` are read whole before admission; larger ones
+//! stream.
 
 mod common;
 
@@ -15,25 +17,19 @@ const QUIET: Duration = Duration::from_secs(2);
 /// Time given to anything still on its way to the upstream before counting.
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// How the forwarded request must be framed.
-#[derive(Debug, Clone, Copy)]
-enum Framing {
-    Length(usize),
-    Chunked,
-}
-
 /// What must come of one payload.
 #[derive(Debug, Clone, Copy)]
 enum Expect {
-    /// Exactly one request reaches the upstream with this framing, framed body and body,
-    /// and the client gets exactly one 200.
+    /// Exactly one request reaches the upstream with this framed body and body, framed by
+    /// this `Content-Length` whatever framing the client used (bodies this small are read
+    /// whole before they are forwarded), and the client gets exactly one 200.
     Forwarded {
-        framing: Framing,
+        length: usize,
         framed: &'static [u8],
         body: &'static [u8],
     },
-    /// Nothing whole reaches the upstream; the client gets a 400 and the connection is
-    /// closed.
+    /// Nothing of the request reaches the upstream; the client gets a 400 and the
+    /// connection is closed.
     Refused,
 }
 
@@ -52,15 +48,15 @@ const HIDDEN: &str = "GET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
 
 fn cases() -> Vec<Case> {
     use Expect::*;
-    use Framing::*;
     vec![
         Case {
             name: "cl-te",
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
-            // Chunked framing wins, the Content-Length is dropped, the stray `G` never
-            // becomes a request: the connection is closed after the answer.
-            expect: Forwarded { framing: Chunked, framed: b"0\r\n\r\n", body: b"" },
+            // Chunked framing wins, the Content-Length is dropped (the body read whole goes
+            // on with its real length), the stray `G` never becomes a request: the
+            // connection is closed after the answer.
+            expect: Forwarded { length: 0, framed: b"", body: b"" },
             eof: false,
         },
         Case {
@@ -68,8 +64,8 @@ fn cases() -> Vec<Case> {
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
             expect: Forwarded {
-                framing: Chunked,
-                framed: b"8\r\nSMUGGLED\r\n0\r\n\r\n",
+                length: 8,
+                framed: b"SMUGGLED",
                 body: b"SMUGGLED",
             },
             eof: false,
@@ -85,7 +81,7 @@ fn cases() -> Vec<Case> {
             name: "cl-cl-equal",
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
-            expect: Forwarded { framing: Length(5), framed: b"hello", body: b"hello" },
+            expect: Forwarded { length: 5, framed: b"hello", body: b"hello" },
             eof: false,
         },
         Case {
@@ -114,8 +110,8 @@ fn cases() -> Vec<Case> {
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  \tchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             expect: Forwarded {
-                framing: Chunked,
-                framed: b"5\r\nhello\r\n0\r\n\r\n",
+                length: 5,
+                framed: b"hello",
                 body: b"hello",
             },
             eof: false,
@@ -139,8 +135,8 @@ fn cases() -> Vec<Case> {
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             expect: Forwarded {
-                framing: Chunked,
-                framed: b"5\r\nhello\r\n0\r\n\r\n",
+                length: 5,
+                framed: b"hello",
                 body: b"hello",
             },
             eof: false,
@@ -164,8 +160,8 @@ fn cases() -> Vec<Case> {
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: ChUnKeD\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             expect: Forwarded {
-                framing: Chunked,
-                framed: b"5\r\nhello\r\n0\r\n\r\n",
+                length: 5,
+                framed: b"hello",
                 body: b"hello",
             },
             eof: false,
@@ -181,7 +177,7 @@ fn cases() -> Vec<Case> {
             name: "bare-lf-head",
             method: "POST",
             payload: "POST {P} HTTP/1.1\nHost: x\nContent-Length: 5\n\nhello",
-            expect: Forwarded { framing: Length(5), framed: b"hello", body: b"hello" },
+            expect: Forwarded { length: 5, framed: b"hello", body: b"hello" },
             eof: false,
         },
         Case {
@@ -203,7 +199,7 @@ fn cases() -> Vec<Case> {
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nContent-Length: 39\r\n\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
             expect: Forwarded {
-                framing: Length(39),
+                length: 39,
                 framed: HIDDEN.as_bytes(),
                 body: HIDDEN.as_bytes(),
             },
@@ -214,13 +210,34 @@ fn cases() -> Vec<Case> {
             method: "POST",
             payload: "POST {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n27\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n\r\n0\r\n\r\n",
             expect: Forwarded {
-                framing: Chunked,
-                framed: b"27\r\nGET /api/smuggled HTTP/1.1\r\nHost: x\r\n\r\n\r\n0\r\n\r\n",
+                length: 39,
+                framed: HIDDEN.as_bytes(),
                 body: HIDDEN.as_bytes(),
             },
             eof: false,
         },
-        // Broken bodies: the upstream request is aborted, never completed as if whole.
+        Case {
+            name: "chunks-with-extension",
+            method: "PUT",
+            payload: "PUT {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+            expect: Forwarded { length: 11, framed: b"hello world", body: b"hello world" },
+            eof: false,
+        },
+        // Broken bodies: answered by pacer, nothing of them reaches the upstream.
+        Case {
+            name: "te-cl-truncated",
+            method: "POST",
+            payload: "POST {P} HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc",
+            expect: Refused,
+            eof: true,
+        },
+        Case {
+            name: "chunk-size-not-hex",
+            method: "POST",
+            payload: "POST {P} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n",
+            expect: Refused,
+            eof: false,
+        },
         Case {
             name: "truncated-chunked",
             method: "POST",
@@ -275,7 +292,7 @@ fn check(case: &Case, reply: &RawReply, records: &[RawRecorded], upstream: std::
     let statuses = response_statuses(&reply.bytes);
     match case.expect {
         Expect::Forwarded {
-            framing,
+            length,
             framed,
             body,
         } => {
@@ -285,21 +302,13 @@ fn check(case: &Case, reply: &RawReply, records: &[RawRecorded], upstream: std::
             let r = mine[0];
             assert!(r.complete, "{}: {r:?}", case.name);
             assert_eq!(r.line, line, "{}", case.name);
-            match framing {
-                Framing::Length(n) => {
-                    assert_eq!(
-                        r.header_all("content-length"),
-                        [n.to_string().as_str()],
-                        "{}: {r:?}",
-                        case.name
-                    );
-                    assert!(r.header_all("transfer-encoding").is_empty(), "{r:?}");
-                }
-                Framing::Chunked => {
-                    assert_eq!(r.header_all("transfer-encoding"), ["chunked"], "{r:?}");
-                    assert!(r.header_all("content-length").is_empty(), "{r:?}");
-                }
-            }
+            assert_eq!(
+                r.header_all("content-length"),
+                [length.to_string().as_str()],
+                "{}: {r:?}",
+                case.name
+            );
+            assert!(r.header_all("transfer-encoding").is_empty(), "{r:?}");
             assert_eq!(show(&r.framed_body), show(framed), "{}", case.name);
             assert_eq!(show(&r.body), show(body), "{}", case.name);
             assert_eq!(r.header("x-forwarded-for"), Some("127.0.0.1"), "{r:?}");
@@ -309,8 +318,8 @@ fn check(case: &Case, reply: &RawReply, records: &[RawRecorded], upstream: std::
             assert_eq!(statuses, [400], "{}: {}", case.name, show(&reply.bytes));
             assert!(reply.closed, "{}: connection left open", case.name);
             assert!(
-                mine.iter().all(|r| !r.complete),
-                "{}: a whole request reached the upstream: {mine:#?}",
+                mine.is_empty(),
+                "{}: the request reached the upstream: {mine:#?}",
                 case.name
             );
         }
@@ -376,23 +385,202 @@ async fn smuggling_table() {
     .await;
 }
 
-/// A broken body aborts the upstream request: the upstream sees it cut short on a
-/// connection that is then closed, never reused, and the reservation is returned.
+/// Checks a raw reply is pacer's own JSON error with `status`.
+fn assert_raw_pacer_error(what: &str, reply: &RawReply, status: u16) {
+    assert_eq!(
+        reply.status(),
+        Some(status),
+        "{what}: {}",
+        show(&reply.bytes)
+    );
+    assert_eq!(
+        reply.header("content-type").as_deref(),
+        Some("application/json"),
+        "{what}: {}",
+        show(&reply.bytes)
+    );
+    let v: serde_json::Value = serde_json::from_slice(reply.body())
+        .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", show(&reply.bytes)));
+    assert_eq!(v["status"], status, "{what}: {v}");
+    assert!(v["contextId"].is_string(), "{what}: {v}");
+}
+
+/// A body that breaks or never completes is answered by pacer before admission: nothing of
+/// it reaches a strict upstream and it takes no quota — with a limit of one request an
+/// hour, the same caller's next whole request is still admitted (and the one after shed).
 #[tokio::test]
-async fn broken_body_aborts_upstream_request_and_frees_its_slot() {
-    within("broken body", async {
+async fn broken_or_unfinished_bodies_reach_nothing_and_take_no_quota() {
+    within("unfinished bodies", async {
+        let up = RawUpstream::start(RawMode::Ok).await;
+        let config = format!(
+            "{}\n[[limit]]\nname = \"one-an-hour\"\nscope = \"client\"\nrequests = 1\nper = \"1h\"\n\n\
+             [queue]\nmax_wait = \"1s\"\ncritical_reserve = 0.0\n",
+            one_route_config("body_idle_timeout = \"1s\"", &up.url(), "")
+        );
+        let pacer = start_pacer(&config).await;
+        let head = |framing: &str| {
+            format!("POST /api/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caller-1\r\n{framing}\r\n\r\n")
+        };
+        let body35 = "x".repeat(35);
+
+        // Content-Length 40, 35 bytes, then the client closes its side: answered 400 if
+        // the answer can still reach it, else the connection is closed.
+        let cut = format!("{}{body35}", head("Content-Length: 40"));
+        // Generous quiet times: each exchange ends as soon as its answer is whole or the
+        // connection closes.
+        let patience = Duration::from_secs(10);
+        let reply = raw_exchange(pacer.proxy_addr, cut.as_bytes(), true, patience).await;
+        eprintln!(
+            "cut short: status {:?}, closed {}",
+            reply.status(),
+            reply.closed
+        );
+        match reply.status() {
+            Some(_) => assert_raw_pacer_error("cut short", &reply, 400),
+            None => assert!(reply.closed, "cut short: {reply:?}"),
+        }
+
+        // A bad chunk (no CRLF after its data): 400 at once.
+        let bad = format!(
+            "{}5\r\nhelloXY0\r\n\r\n",
+            head("Transfer-Encoding: chunked")
+        );
+        let reply = raw_exchange(pacer.proxy_addr, bad.as_bytes(), false, patience).await;
+        assert_raw_pacer_error("bad chunk", &reply, 400);
+
+        // Content-Length 40, 35 bytes, then silence: 408 once body_idle_timeout (1s) passes.
+        let stalled = format!("{}{body35}", head("Content-Length: 40"));
+        let started = std::time::Instant::now();
+        let reply = raw_exchange(pacer.proxy_addr, stalled.as_bytes(), false, patience).await;
+        let took = started.elapsed();
+        assert_raw_pacer_error("stalled", &reply, 408);
+        assert!(took >= Duration::from_millis(900), "408 after only {took:?}");
+        eprintln!("stalled body answered 408 after {took:?}");
+
+        // Nothing reached the upstream, and the hour's one request is still there.
+        tokio::time::sleep(SETTLE).await;
+        assert_eq!(up.connections(), 0, "{:#?}", up.records());
+        let client = TestClient::http1(pacer.proxy_addr);
+        let auth = [("authorization", "Bearer caller-1")];
+        let next = client.get("/api/next", &auth).await;
+        assert_eq!(next.status, StatusCode::OK, "{}", next.text());
+        let over = client.get("/api/over", &auth).await;
+        over.assert_pacer_error(StatusCode::TOO_MANY_REQUESTS);
+        let records = up.records();
+        assert_eq!(records.len(), 1, "{records:#?}");
+        assert!(records[0].line.starts_with("GET /api/next "), "{records:#?}");
+    })
+    .await;
+}
+
+/// Bodies above `buffer_body_bytes` stream as they come, whether the size is declared or
+/// found while reading: the upstream request starts before the client has sent it all,
+/// and the upstream receives every byte.
+#[tokio::test]
+async fn bodies_above_buffer_body_bytes_stream() {
+    use tokio::io::AsyncWriteExt;
+    within("large bodies stream", async {
+        let first = vec![b'a'; 2000];
+        let rest = vec![b'b'; 3000];
+        let chunk = |data: &[u8]| {
+            let mut c = format!("{:x}\r\n", data.len()).into_bytes();
+            c.extend_from_slice(data);
+            c.extend_from_slice(b"\r\n");
+            c
+        };
+        // Found larger while reading (chunked), and declared larger (Content-Length).
+        for framing in ["Transfer-Encoding: chunked", "Content-Length: 5000"] {
+            let up = RawUpstream::start(RawMode::Ok).await;
+            let pacer = start_pacer(&one_route_config(
+                "buffer_body_bytes = 1024\nbody_idle_timeout = \"10s\"",
+                &up.url(),
+                "",
+            ))
+            .await;
+            let chunked = framing.starts_with("Transfer");
+            let frame = |data: &[u8]| if chunked { chunk(data) } else { data.to_vec() };
+            let mut s = tokio::net::TcpStream::connect(pacer.proxy_addr)
+                .await
+                .expect("connect");
+            let mut payload =
+                format!("POST /api/big HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n").into_bytes();
+            payload.extend_from_slice(&frame(&first));
+            s.write_all(&payload).await.expect("write head");
+            // More than the limit has been sent: the request goes upstream without the rest.
+            let mut waited = Duration::ZERO;
+            while up.connections() == 0 {
+                assert!(
+                    waited < Duration::from_secs(10),
+                    "{framing}: upstream not reached before the body ended"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                waited += Duration::from_millis(20);
+            }
+            assert_eq!(up.count(), 0, "{framing}: recorded before the body ended");
+            let mut tail = frame(&rest);
+            if chunked {
+                tail.extend_from_slice(b"0\r\n\r\n");
+            }
+            s.write_all(&tail).await.expect("write rest");
+            let reply = raw_read_one(&mut s).await;
+            assert_eq!(
+                response_statuses(&reply),
+                [200],
+                "{framing}: {}",
+                show(&reply)
+            );
+            up.wait_for(1).await;
+            let records = up.records();
+            assert_eq!(records.len(), 1, "{framing}: {records:#?}");
+            let r = &records[0];
+            assert!(r.complete, "{framing}: {r:?}");
+            assert!(r.line.starts_with("POST /api/big "), "{r:?}");
+            assert_eq!(r.body.len(), 5000, "{framing}");
+            assert!(r.body[..2000].iter().all(|b| *b == b'a'), "{framing}");
+            assert!(r.body[2000..].iter().all(|b| *b == b'b'), "{framing}");
+            if chunked {
+                assert_eq!(r.header_all("transfer-encoding"), ["chunked"], "{r:?}");
+            } else {
+                assert_eq!(r.header_all("content-length"), ["5000"], "{r:?}");
+            }
+        }
+    })
+    .await;
+}
+
+/// Reads from `s` until a whole [`RAW_OK`] answer has come through, the peer closes, or
+/// 10 s pass without data.
+async fn raw_read_one(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(b"\r\n\r\nok") {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// A broken body above `buffer_body_bytes` (streamed, so already on its way) aborts the
+/// upstream request: the upstream sees it cut short on a connection that is then closed,
+/// never reused, and the reservation is returned.
+#[tokio::test]
+async fn broken_streamed_body_aborts_upstream_request_and_frees_its_slot() {
+    within("broken streamed body", async {
         let up = RawUpstream::start(RawMode::Ok).await;
         let pacer = pacer_for(&up).await;
         let client = TestClient::http1(pacer.proxy_addr);
         assert_eq!(client.get("/api/warm", &[]).await.status, StatusCode::OK);
 
-        // The client announces 64 bytes, sends 5 and closes: by then the request is on
-        // its way upstream (pooled connection 0).
+        // The client announces more than buffer_body_bytes (64 KiB), sends 5 bytes and
+        // closes: by then the request is on its way upstream (pooled connection 0).
         let mut s = tokio::net::TcpStream::connect(pacer.proxy_addr)
             .await
             .expect("connect");
         use tokio::io::AsyncWriteExt;
-        s.write_all(b"POST /api/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\nhello")
+        s.write_all(b"POST /api/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nhello")
             .await
             .expect("write");
         up.wait_for(2).await;
@@ -405,9 +593,8 @@ async fn broken_body_aborts_upstream_request_and_frees_its_slot() {
             .find(|r| r.line.starts_with("POST /api/cut "))
             .expect("the cut request reached the upstream");
         assert!(!cut.complete, "{cut:?}");
-        assert_eq!(cut.header("content-length"), Some("64"));
+        assert_eq!(cut.header("content-length"), Some("100000"));
         assert_eq!(show(&cut.framed_body), "hello");
-
         // A second request is admitted at once (its slot came back) and goes on a fresh
         // upstream connection: the aborted one is not reused.
         let started = std::time::Instant::now();

@@ -3,9 +3,14 @@
 //! `fuzz/corpus/<target>/` through it. Each function may reject input; it must not panic
 //! except on a broken invariant (asserted here).
 
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use pacer::broker::TokenBroker;
+use pacer::config::{Config, Priority};
 use pacer::endpoint::{Classifier, Template};
+use pacer::feedback::{issued_token, MAX_PAUSE, MAX_TOKEN_LIFETIME};
+use pacer::limit::{Ledger, LimitSet};
 use pacer::path::normalize;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// One fuzz target's body.
@@ -17,6 +22,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("path_template", path_template),
     ("retry_after", retry_after),
     ("identity", identity),
+    ("feedback_headers", feedback_headers),
+    ("token_answer", token_answer),
 ];
 
 /// Configuration text → `Config::parse`: errors are fine, panics are not.
@@ -101,5 +108,75 @@ pub fn identity(data: &[u8]) {
     }
     if let Some(u) = pacer::identity::basic_user(&headers) {
         assert!(!u.is_empty() && !u.contains(':'), "{u:?}");
+    }
+}
+
+/// The numbers pacer learns from an upstream answer's headers (`Retry-After`,
+/// `inin-ratelimit-count`, `inin-ratelimit-reset`, ...) through their parsers and into
+/// the ledger (`Ledger::pad`): each stays within its documented bound. Input: `name: value`
+/// lines, any header names, so a parser for a new header only needs a line here.
+pub fn feedback_headers(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    for line in data.split(|b| *b == b'\n').take(16) {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            headers.append(n, v);
+        }
+    }
+    if let Some(d) = pacer::feedback::retry_after(&headers) {
+        assert!(d <= MAX_PAUSE, "{d:?}");
+    }
+    if let Some(used) = pacer::feedback::upstream_count(&headers) {
+        let (set, ceiling) = per_client_limit();
+        let demand = set.demand(0, &Arc::from("c"), &Method::GET, "/x", Priority::Critical);
+        let layer = &demand.layers[0];
+        let mut ledger = Ledger::new();
+        const SEC: u64 = 1_000_000_000;
+        // A real send, then the count twice, the second time half a window later.
+        assert!(ledger.try_take(set, SEC, &demand, &|_| 0).is_ok());
+        for now in [SEC, 31 * SEC] {
+            ledger.pad(set, now, layer, used);
+            let counted: u64 = ledger.usage(set, now).iter().map(|(_, n, _)| n).sum();
+            assert!(counted <= ceiling, "{counted} counted for {used}");
+            assert!(counted >= used.min(ceiling), "{counted} counted for {used}");
+        }
+    }
+}
+
+/// One per-client limit of 300 per minute, and its ceiling.
+fn per_client_limit() -> (&'static LimitSet, u64) {
+    static SET: OnceLock<LimitSet> = OnceLock::new();
+    let set = SET.get_or_init(|| {
+        let c = Config::parse(
+            "[[upstream]]\nname = \"api\"\nurl = \"http://127.0.0.1:1\"\n\
+             [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\
+             [[limit]]\nname = \"per-client\"\nscope = \"client\"\nrequests = 300\nper = \"60s\"\n",
+        )
+        .expect("fuzz fixture config");
+        LimitSet::new(&c.limits, &c.queue, |_| Some(0))
+    });
+    (set, 300)
+}
+
+/// A token answer (the body of a successful `/oauth/token`) → what pacer learns from it
+/// and the token broker's copy: the lifetime stays within 24 h, and an answer served
+/// again from the broker is a token answer for the same token.
+pub fn token_answer(data: &[u8]) {
+    let Some(issued) = issued_token(data) else {
+        return;
+    };
+    if let Some(l) = issued.lifetime {
+        assert!(l <= MAX_TOKEN_LIFETIME, "{l:?}");
+    }
+    let broker = TokenBroker::new(4, Duration::from_secs(300));
+    let key = TokenBroker::key(None, data);
+    broker.put(key, issued.clone());
+    if let Some(again) = broker.get(&key) {
+        let again = issued_token(&again).expect("the broker serves a token answer");
+        assert_eq!(again.access_token, issued.access_token);
+        assert!(again.lifetime.is_some_and(|l| l <= MAX_TOKEN_LIFETIME));
     }
 }

@@ -179,6 +179,9 @@ impl Default for StateConfig {
     }
 }
 
+/// Largest `[server] buffer_body_bytes`: each request whose body is being read may hold it.
+pub const MAX_BUFFER_BODY_BYTES: u64 = 16 * 1024 * 1024;
+
 /// `[server]`: the listeners and their protections.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -189,6 +192,9 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Larger request bodies are answered 413.
     pub max_body_bytes: u64,
+    /// Request bodies up to this size are read whole before admission (a broken or
+    /// unfinished one never reaches the upstream); larger ones stream. 0 streams all.
+    pub buffer_body_bytes: u64,
     /// Larger request header sections are answered 431.
     pub max_header_bytes: usize,
     /// More request header fields than this are answered 431.
@@ -230,6 +236,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             max_body_bytes: 10 * 1024 * 1024,
+            buffer_body_bytes: 64 * 1024,
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             header_read_timeout: Dur::secs(10),
@@ -510,6 +517,14 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             err("server.max_connections".into(), "must be at least 1".into());
+        }
+        if self.server.buffer_body_bytes > MAX_BUFFER_BODY_BYTES {
+            err(
+                "server.buffer_body_bytes".into(),
+                format!(
+                    "must be at most {MAX_BUFFER_BODY_BYTES}: every request being read may hold this much"
+                ),
+            );
         }
         if self.server.max_uri_bytes < 16 {
             err("server.max_uri_bytes".into(), "must be at least 16".into());

@@ -70,6 +70,30 @@ unknown_clients = "maybe"
 }
 
 #[test]
+fn buffer_body_bytes_defaults_to_64_kib_and_is_bounded() {
+    let c = Config::parse_with_env(MINIMAL, &env).unwrap();
+    assert_eq!(c.server.buffer_body_bytes, 64 * 1024);
+    let off = format!("[server]\nbuffer_body_bytes = 0\n{MINIMAL}");
+    assert_eq!(
+        Config::parse_with_env(&off, &env)
+            .unwrap()
+            .server
+            .buffer_body_bytes,
+        0
+    );
+    let huge = format!("[server]\nbuffer_body_bytes = 1_000_000_000\n{MINIMAL}");
+    let errs = Config::parse_with_env(&huge, &env).unwrap_err();
+    assert!(
+        errs.to_string()
+            .contains("server.buffer_body_bytes: must be at most 16777216"),
+        "{errs}"
+    );
+    let negative = format!("[server]\nbuffer_body_bytes = -1\n{MINIMAL}");
+    let errs = Config::parse_with_env(&negative, &env).unwrap_err();
+    assert!(errs.to_string().contains("buffer_body_bytes"), "{errs}");
+}
+
+#[test]
 fn unknown_keys_are_errors() {
     let text = format!("{MINIMAL}\n[queue]\nmax_wiat = \"1s\"\n");
     let errs = Config::parse_with_env(&text, &env).unwrap_err();

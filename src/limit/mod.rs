@@ -395,16 +395,19 @@ impl Ledger {
 
     /// Raises a rate key's count to at least `at_least` with sends recorded at `now`:
     /// stands in for sends made elsewhere that this ledger cannot see.
+    ///
+    /// `at_least` usually comes from an upstream's answer, so it is untrusted: it is
+    /// clamped to what the key can hold (its full ceiling; a key that full admits nothing
+    /// until its oldest sends leave the window) and recorded in one step.
     pub fn pad(&mut self, set: &LimitSet, now: Nanos, layer: &LayerKey, at_least: u64) {
         let spec = &set.specs[layer.limit];
-        if spec.ceilings.is_none() {
+        let Some(full) = spec.ceilings.map(|c| c[0]) else {
             return;
-        }
+        };
         let counter = self.counters.entry(layer.clone()).or_default();
         counter.log.evict(now, spec.window);
-        for _ in counter.log.count()..at_least {
-            counter.log.record(now, spec.window);
-        }
+        let missing = at_least.min(full).saturating_sub(counter.log.count());
+        counter.log.record_many(now, spec.window, missing);
     }
 
     /// Moves a request's counted send from its admission time to `now`, when its answer
@@ -428,7 +431,7 @@ impl Ledger {
     }
 
     /// Counted sends of every rate key as (time, count), for replaying into a shared store.
-    pub fn export(&mut self, set: &LimitSet, now: Nanos) -> Vec<(LayerKey, Vec<(Nanos, u32)>)> {
+    pub fn export(&mut self, set: &LimitSet, now: Nanos) -> Vec<(LayerKey, Vec<(Nanos, u64)>)> {
         self.counters
             .iter_mut()
             .filter(|(k, _)| set.specs[k.limit].ceilings.is_some())
@@ -436,7 +439,7 @@ impl Ledger {
                 c.log.evict(now, set.specs[k.limit].window);
                 (k.clone(), c.log.entries().collect())
             })
-            .filter(|(_, e): &(LayerKey, Vec<(Nanos, u32)>)| !e.is_empty())
+            .filter(|(_, e): &(LayerKey, Vec<(Nanos, u64)>)| !e.is_empty())
             .collect()
     }
 

@@ -201,3 +201,65 @@ fn client_scale_caps_only_the_per_client_layer() {
         assert!(l.try_take(&s, 3 + t, &other, &|_| 0).is_ok(), "{t}");
     }
 }
+
+/// An upstream's count is untrusted: 2^64-1 fills the key to its ceiling in one step (the
+/// old loop recorded one send per unit under the ledger lock), and other keys are untouched.
+#[test]
+fn a_huge_upstream_count_fills_the_key_to_its_ceiling_at_once() {
+    let (_, s) = set(LAYERS);
+    let mut l = Ledger::new();
+    let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+    let d = s.demand(0, &a, &Method::GET, "/x", Priority::Critical);
+    let client = d.layers[0].clone();
+    assert_eq!(s.specs[client.limit].name.as_ref(), "client");
+    assert!(l.try_take(&s, 0, &d, &|_| 0).is_ok());
+    l.pad(&s, 100 * MS, &client, u64::MAX);
+    let used = |l: &mut Ledger, at: Nanos| {
+        l.usage(&s, at)
+            .into_iter()
+            .find(|(k, _, _)| *k == client)
+            .map(|(_, used, _)| used)
+    };
+    assert_eq!(used(&mut l, 100 * MS), Some(5), "clamped to the ceiling");
+    // A lower count later changes nothing; the key holds no more than it can.
+    l.pad(&s, 150 * MS, &client, 3);
+    l.pad(&s, 150 * MS, &client, u64::MAX);
+    assert_eq!(used(&mut l, 150 * MS), Some(5));
+    let blocked = l.try_take(&s, 200 * MS, &d, &|_| 0).unwrap_err();
+    assert_eq!(blocked.layer(), Some(&client));
+    // Full until the first real send leaves the window; the stand-ins stay a window.
+    assert_eq!(blocked.wait, Some(800 * MS));
+    assert!(l.try_take(&s, 1_000 * MS, &d, &|_| 0).is_ok());
+    assert!(l.try_take(&s, 1_000 * MS, &d, &|_| 0).is_err());
+    assert_eq!(
+        used(&mut l, 1_100 * MS),
+        Some(1),
+        "the stand-ins left with their window"
+    );
+    // Another client's key was never touched.
+    let other = s.demand(0, &b, &Method::GET, "/x", Priority::Critical);
+    assert!(l.try_take(&s, 1_100 * MS, &other, &|_| 0).is_ok());
+}
+
+/// A count below what is already counted adds nothing; a count in between adds the rest.
+#[test]
+fn pad_adds_only_what_is_missing() {
+    let (_, s) = set(LAYERS);
+    let mut l = Ledger::new();
+    let a: Arc<str> = Arc::from("a");
+    let d = s.demand(0, &a, &Method::GET, "/x", Priority::Critical);
+    let client = d.layers[0].clone();
+    for t in 0..2 {
+        assert!(l.try_take(&s, t, &d, &|_| 0).is_ok());
+    }
+    l.pad(&s, 10, &client, 1);
+    let used = |l: &mut Ledger| {
+        l.usage(&s, 10)
+            .into_iter()
+            .find(|(k, _, _)| *k == client)
+            .map(|(_, used, _)| used)
+    };
+    assert_eq!(used(&mut l), Some(2));
+    l.pad(&s, 10, &client, 4);
+    assert_eq!(used(&mut l), Some(4));
+}

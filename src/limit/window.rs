@@ -10,6 +10,10 @@
 //! earlier, so the guarantee still holds; the price is at most 1/RESOLUTION_STEPS of the
 //! quota's throughput. A key therefore holds at most `min(N, RESOLUTION_STEPS + 1)` slots of
 //! 16 bytes.
+//!
+//! Counts are `u64` (a `u32` would leave the slot 16 bytes too, through padding) and every
+//! addition saturates: stand-in sends learned from an upstream ([`SlidingLog::record_many`])
+//! are counted in one step, however many there are, and never overflow a slot.
 
 use std::collections::VecDeque;
 
@@ -23,7 +27,7 @@ pub const RESOLUTION_STEPS: u64 = 256;
 struct Slot {
     /// Latest send time of the requests counted in this slot.
     at: Nanos,
-    count: u32,
+    count: u64,
 }
 
 /// The admitted sends of one key that are still inside the window.
@@ -43,7 +47,7 @@ impl SlidingLog {
     pub fn evict(&mut self, now: Nanos, window: Nanos) {
         while let Some(front) = self.slots.front() {
             if front.at.saturating_add(window) <= now {
-                self.total -= u64::from(front.count);
+                self.total = self.total.saturating_sub(front.count);
                 self.slots.pop_front();
             } else {
                 break;
@@ -68,10 +72,10 @@ impl SlidingLog {
         // The send that must expire is the (total - ceiling)-th oldest, counted from 0.
         let mut skip = self.total - ceiling;
         for slot in &self.slots {
-            if skip < u64::from(slot.count) {
+            if skip < slot.count {
                 return slot.at.saturating_add(window).saturating_sub(now);
             }
-            skip -= u64::from(slot.count);
+            skip -= slot.count;
         }
         window
     }
@@ -80,15 +84,23 @@ impl SlidingLog {
     /// clock in one order and lock in the other) counts as that record's time: later, so
     /// the send expires late rather than early, and the slots stay in order.
     pub fn record(&mut self, now: Nanos, window: Nanos) {
+        self.record_many(now, window, 1);
+    }
+
+    /// Records `n` sends at `now` in one step (as [`SlidingLog::record`] would one by one).
+    pub fn record_many(&mut self, now: Nanos, window: Nanos, n: u64) {
+        if n == 0 {
+            return;
+        }
         let resolution = window / RESOLUTION_STEPS;
         match self.slots.back_mut() {
             Some(last) if now <= last.at.saturating_add(resolution) => {
                 last.at = last.at.max(now);
-                last.count += 1;
+                last.count = last.count.saturating_add(n);
             }
-            _ => self.slots.push_back(Slot { at: now, count: 1 }),
+            _ => self.slots.push_back(Slot { at: now, count: n }),
         }
-        self.total += 1;
+        self.total = self.total.saturating_add(n);
     }
 
     /// Takes back a send recorded at `at` (a refused or cancelled reservation).
@@ -98,8 +110,8 @@ impl SlidingLog {
     pub fn refund(&mut self, at: Nanos) {
         let idx = self.slots.partition_point(|s| s.at < at);
         if let Some(slot) = self.slots.get_mut(idx) {
-            slot.count -= 1;
-            self.total -= 1;
+            slot.count = slot.count.saturating_sub(1);
+            self.total = self.total.saturating_sub(1);
             if slot.count == 0 {
                 self.slots.remove(idx);
             }
@@ -112,7 +124,7 @@ impl SlidingLog {
     }
 
     /// Counted sends as (time, how many at that time), oldest first.
-    pub fn entries(&self) -> impl Iterator<Item = (Nanos, u32)> + '_ {
+    pub fn entries(&self) -> impl Iterator<Item = (Nanos, u64)> + '_ {
         self.slots.iter().map(|s| (s.at, s.count))
     }
 
@@ -153,6 +165,22 @@ mod tests {
         log.record(S, w);
         let times: Vec<_> = log.entries().collect();
         assert_eq!(times, vec![(5 * S, 2)]);
+    }
+
+    #[test]
+    fn many_sends_are_counted_in_one_slot_without_overflow() {
+        let mut log = SlidingLog::new();
+        let w = 10 * S;
+        log.record(S, w);
+        log.record_many(S, w, u64::MAX);
+        log.record(S, w);
+        assert_eq!(log.count(), u64::MAX);
+        assert_eq!(log.entries().count(), 1);
+        assert_eq!(log.wait_for_room(S, w, u64::MAX), w);
+        log.refund(S);
+        assert_eq!(log.count(), u64::MAX - 1);
+        log.evict(11 * S, w);
+        assert!(log.is_empty() && log.count() == 0);
     }
 
     #[test]

@@ -843,14 +843,15 @@ impl RedisBackend {
             return Ok(());
         }
         let (secs, micros) = conn.time(&self.replicas_key()).await?;
-        let redis_now = secs * 1_000_000 + micros;
+        let redis_now = secs.saturating_mul(1_000_000).saturating_add(micros);
         let mut pipe = redis::pipe();
         let mut n = 0u64;
         for (layer, entries) in exported {
             let key = self.key(&layer, false);
             let span_ms = self.set.specs[layer.limit].window / 1_000_000;
             for (at, count) in entries {
-                let score = redis_now.saturating_sub((now - at) / 1000);
+                // A send recorded after `now` was read is as recent as `now`.
+                let score = redis_now.saturating_sub(now.saturating_sub(at) / 1000);
                 for _ in 0..count {
                     n += 1;
                     pipe.zadd(&key, format!("{}:replay:{n}", self.replica), score)
@@ -1184,8 +1185,8 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
 async fn beat_once(b: &RedisBackend, conn: &mut Conn) -> Result<(u64, u64), redis::RedisError> {
     let replicas_key = b.replicas_key();
     let (secs, micros) = conn.time(&replicas_key).await?;
-    let now_ms = secs * 1000 + micros / 1000;
-    let now_us = secs * 1_000_000 + micros;
+    let now_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+    let now_us = secs.saturating_mul(1_000_000).saturating_add(micros);
     let lease_us = b.cfg.lease_ttl.0.as_micros() as u64;
     let mut pipe = redis::pipe();
     pipe.zadd(&replicas_key, &b.replica, now_ms).ignore();
