@@ -54,7 +54,12 @@ impl Stage for Admit {
                 proxy
                     .admission
                     .demand(upstream, &caller.key, req.method(), &m.path, priority);
-            demand.rate_scale = proxy.adaptive.scale(upstream, &caller.key);
+            let (version, shared) = proxy.admission.shared_adaptive();
+            proxy.adaptive.merge(version, &shared);
+            let client_key = (upstream, caller.key.clone());
+            let scale = proxy.adaptive.scale(&client_key);
+            demand.rate_scale = scale.rate;
+            demand.client_scale = scale.client;
             let _ = labels.endpoint.set(demand.endpoint.label.clone());
             let mut req = req;
             req.extensions_mut().insert(Admitted(demand.layers.clone()));
@@ -73,6 +78,10 @@ impl Stage for Admit {
                         "shed before the upstream",
                     )
                 })?;
+            // The limits the request was admitted under (the queue applies the scale in force
+            // at admission), so that its 429 is judged against them.
+            req.extensions_mut()
+                .insert(proxy.adaptive.scale(&client_key).generation);
             let upstream_label = labels
                 .upstream
                 .get()

@@ -6,6 +6,11 @@
 //! bulk job fills the client's window and the IVR gets 429s (callers hear dead air).
 //! Phase 2 sends the same load through pacer: bulk is paced and shed, the IVR is served
 //! from the critical reserve, and the upstream never has to answer 429.
+//!
+//! With `--sim-limit N` the simulator grants the client only N per window while pacer is
+//! configured for 300 (someone else uses the same OAuth client, or Genesys lowered the
+//! limit): pacer learns the real budget from `inin-ratelimit-allowed`, and the table shows
+//! the learned ceiling.
 
 use crate::app;
 use crate::config::Config;
@@ -43,13 +48,13 @@ const BULK_WORKERS: usize = 48;
 /// IVR Data Action calls per second (well inside the 20% critical reserve).
 const IVR_PER_SECOND: u64 = 6;
 
-fn sim_config() -> SimConfig {
+fn sim_config(client_requests: u64) -> SimConfig {
     let text = format!(
         r#"
 window = "{WINDOW_SECS}s"
 latency = "15ms"
 latency_jitter = "10ms"
-client_requests = {QUOTA}
+client_requests = {client_requests}
 org_requests = 3000
 token_requests = {QUOTA}
 [[client]]
@@ -227,12 +232,30 @@ async fn call(client: &HttpClient, method: Method, url: &str, token: &str, tally
     }
 }
 
+/// The per-client ceiling pacer holds for the demo client now, and why, from its
+/// adaptive state (`None` while nothing lowers it).
+fn learned_ceiling(pacer: &app::Running) -> Option<String> {
+    let reports = pacer.proxy().adaptive.reports();
+    let r = reports.iter().find(|r| &*r.key.1 == CLIENT_ID)?;
+    let ceiling = crate::limit::scaled(QUOTA, r.client_share);
+    let why = match r.allowed {
+        Some(allowed) if r.factor >= 1.0 => format!("inin-ratelimit-allowed: {allowed}"),
+        Some(allowed) => format!(
+            "inin-ratelimit-allowed: {allowed}, {} cut(s) after upstream 429s",
+            r.cuts
+        ),
+        None => format!("{} cut(s) after upstream 429s", r.cuts),
+    };
+    Some(format!("{ceiling} of {QUOTA} ({why})"))
+}
+
 /// Runs one phase against `base` (the simulator or pacer) for `length`.
 async fn phase(
     title: &str,
     base: &str,
     ivr_prefix: &str,
     length: Duration,
+    pacer: Option<&app::Running>,
 ) -> Result<(Arc<Tally>, Arc<Tally>), DemoError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
@@ -294,6 +317,9 @@ async fn phase(
             started.elapsed().as_secs_f64()
         );
         println!("{}", ivr.row("ivr"));
+        if let Some(ceiling) = pacer.and_then(learned_ceiling) {
+            println!("  pacer: learned per-client ceiling {ceiling}");
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -302,26 +328,44 @@ async fn phase(
     Ok((bulk, ivr))
 }
 
-/// Runs the demo; `Ok(true)` when the verdict holds.
-pub async fn run(duration: Duration) -> Result<bool, DemoError> {
+/// Runs the demo; `Ok(true)` when the verdict holds. `sim_limit` makes the simulator grant
+/// the client fewer requests per window than pacer's configured quota.
+pub async fn run(duration: Duration, sim_limit: Option<u64>) -> Result<bool, DemoError> {
     let half = (duration / 2).max(Duration::from_secs(3));
+    // Below 200 the IVR's 36 calls per window outgrow the 20% critical reserve of the
+    // real budget and queue (no 429, but the point of the demo is lost).
+    let real = sim_limit.unwrap_or(QUOTA).clamp(200, QUOTA);
     println!("pacer demo: a runaway bulk export and IVR Data Actions share one OAuth client.");
     println!(
-        "The simulator enforces Genesys' limits with time scaled 10x: {QUOTA} requests per {WINDOW_SECS} s per client \
-         stands for {QUOTA} per minute. Bulk: {BULK_WORKERS} workers retrying at once; IVR: {IVR_PER_SECOND} calls/s."
+        "The simulator enforces Genesys' limits with time scaled 10x: {real} requests per {WINDOW_SECS} s per client \
+         stands for {real} per minute. Bulk: {BULK_WORKERS} workers retrying at once; IVR: {IVR_PER_SECOND} calls/s."
     );
-    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim_config())
+    if real < QUOTA {
+        println!(
+            "pacer is configured for {QUOTA} per window: it has to learn the smaller real budget \
+             from the answers' inin-ratelimit-allowed."
+        );
+    }
+    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim_config(real))
         .await
         .map_err(DemoError::Sim)?;
 
-    let (_, direct_ivr) = phase("Phase 1: straight to the API", &sim.url(), "", half).await?;
+    let (_, direct_ivr) = phase("Phase 1: straight to the API", &sim.url(), "", half, None).await?;
     let direct_stats = sim.stats();
 
     sim.reset();
     let pacer = app::start(pacer_config(sim.addr())?).await?;
     let base = format!("http://{}", pacer.proxy_addr);
-    let (bulk, ivr) = phase("Phase 2: the same load through pacer", &base, "/ivr", half).await?;
+    let (bulk, ivr) = phase(
+        "Phase 2: the same load through pacer",
+        &base,
+        "/ivr",
+        half,
+        Some(&pacer),
+    )
+    .await?;
     let stats = sim.stats();
+    let learned = learned_ceiling(&pacer);
     pacer.shutdown().await;
     sim.shutdown().await;
 
@@ -345,8 +389,11 @@ pub async fn run(duration: Duration) -> Result<bool, DemoError> {
         bulk.ok.load(Ordering::Relaxed),
         bulk.shed.load(Ordering::Relaxed),
         stats.total.ok,
-        quota_windows.ceil() * QUOTA as f64
+        quota_windows.ceil() * real as f64
     );
+    if let Some(ceiling) = &learned {
+        println!("               pacer's per-client ceiling: {ceiling}");
+    }
     let holds = direct_ivr_429 > 0
         && ivr_failed == 0
         && upstream_429 == 0

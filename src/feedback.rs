@@ -1,6 +1,7 @@
 //! Learning from upstream answers: a 429 with `Retry-After` pauses that caller's key on
 //! that upstream; a token issued through pacer is remembered (hashed) with its client.
 
+use crate::adaptive::Generation;
 use crate::admit::Admitted;
 use crate::answer::{collect_limited, full, ProxyBody};
 use crate::broker::BrokerKey;
@@ -100,6 +101,17 @@ pub fn issued_token(bytes: &[u8]) -> Option<IssuedToken> {
     })
 }
 
+/// Largest `inin-ratelimit-allowed` taken at face value; anything larger is no ceiling.
+const MAX_ALLOWED: u64 = 1 << 40;
+
+/// The budget the upstream reports for the caller's own per-client window
+/// (`inin-ratelimit-allowed`), if it sent a plain number. Untrusted: anything but ASCII
+/// digits is ignored, huge values are capped (a cap above the configured value is no cap).
+pub fn upstream_allowed(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get("inin-ratelimit-allowed")?.to_str().ok()?.trim();
+    digits(v).map(|n| n.unwrap_or(MAX_ALLOWED).min(MAX_ALLOWED))
+}
+
 /// The learning stage.
 pub struct Learn {
     proxy: Arc<Proxy>,
@@ -119,6 +131,11 @@ impl Stage for Learn {
             let m = req.extensions().get::<RouteMatch>().cloned();
             let caller = req.extensions().get::<Caller>().cloned();
             let admitted = req.extensions().get::<Admitted>().cloned();
+            let generation = req
+                .extensions()
+                .get::<Generation>()
+                .copied()
+                .unwrap_or_default();
             let broker_key = req.extensions().get::<BrokerKey>().copied();
             let labels = req
                 .extensions()
@@ -142,11 +159,31 @@ impl Stage for Learn {
             if let (Some(used), Some(admitted)) = (upstream_count(resp.headers()), &admitted) {
                 proxy.admission.upstream_count(&admitted.0, used);
             }
-            proxy.adaptive.observe(
-                m.route.upstream,
-                &caller.key,
+            let client_key = (m.route.upstream, caller.key.clone());
+            if let (Some(allowed), Some(admitted)) = (upstream_allowed(resp.headers()), &admitted) {
+                // The reported budget is the caller's own per-client one: it caps only that
+                // layer, relative to its configured (pre-headroom) size.
+                let set = proxy.admission.limits();
+                let configured = set
+                    .per_client(&admitted.0)
+                    .and_then(|i| proxy.config.limits.get(admitted.0[i].limit))
+                    .and_then(|l| l.requests);
+                if let Some(configured) = configured {
+                    if proxy
+                        .adaptive
+                        .learn_allowed(&client_key, allowed, configured)
+                    {
+                        share_adaptive(proxy, &client_key);
+                    }
+                }
+            }
+            if proxy.adaptive.observe(
+                &client_key,
                 status == StatusCode::TOO_MANY_REQUESTS,
-            );
+                generation,
+            ) {
+                share_adaptive(proxy, &client_key);
+            }
             if status == StatusCode::TOO_MANY_REQUESTS {
                 let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
                 tracing::info!(client = %caller.label, ?wait, "upstream asked for a pause");
@@ -159,6 +196,15 @@ impl Stage for Learn {
             }
             Ok(resp)
         })
+    }
+}
+
+/// Tells the other replicas (in Redis mode) about a client's new cut or learned ceiling.
+fn share_adaptive(proxy: &Proxy, key: &crate::adaptive::ClientKey) {
+    if let Some((field, value)) = proxy.adaptive.export(key) {
+        proxy
+            .admission
+            .share_adaptive(field, value, proxy.adaptive.shared_ttl());
     }
 }
 
@@ -211,6 +257,24 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
         h.insert("retry-after", HeaderValue::from_static("99999999"));
         assert_eq!(retry_after(&h), Some(MAX_PAUSE));
+    }
+
+    #[test]
+    fn allowed_is_a_plain_clamped_number() {
+        let allowed = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("inin-ratelimit-allowed", HeaderValue::from_static(v));
+            upstream_allowed(&h)
+        };
+        assert_eq!(allowed(" 300 "), Some(300));
+        assert_eq!(allowed("0"), Some(0));
+        assert_eq!(allowed("18446744073709551615"), Some(MAX_ALLOWED));
+        assert_eq!(allowed("99999999999999999999"), Some(MAX_ALLOWED));
+        assert_eq!(allowed("999999999999999999999999"), Some(MAX_ALLOWED));
+        for bad in ["-1", "+5", "1e3", "3.5", "", "ten", "0x10"] {
+            assert_eq!(allowed(bad), None, "{bad:?}");
+        }
+        assert_eq!(upstream_allowed(&HeaderMap::new()), None);
     }
 
     fn pause_of(pairs: &[(&'static str, &'static str)]) -> Option<Duration> {

@@ -25,6 +25,11 @@ enum Command {
         /// How long the whole demo runs (both phases).
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         duration: Duration,
+        /// Requests per window the simulator really grants the client, below pacer's
+        /// configured 300: pacer learns the smaller budget and the table shows it. At least
+        /// 200, so that the IVR's 36 calls per window still fit the 20% critical reserve.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(200..=300))]
+        sim_limit: Option<u64>,
     },
     /// Serve with a configuration file.
     Run {
@@ -137,11 +142,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Demo { duration } => {
+        Command::Demo {
+            duration,
+            sim_limit,
+        } => {
             if std::env::var_os("PACER_LOG").is_some() {
                 init_tracing();
             }
-            match runtime.block_on(pacer::demo::run(duration)) {
+            match runtime.block_on(pacer::demo::run(duration, sim_limit)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

@@ -237,11 +237,17 @@ impl Proxy {
                 config.identity.token_cache_margin.0,
             ))
         });
+        let adaptive = Arc::new(Adaptive::new(
+            config.adaptive.clone(),
+            config.identity.max_keys,
+        ));
+        let scales = adaptive.clone();
+        admission.set_scaler(Arc::new(move |key| {
+            let s = scales.scale(key);
+            (s.rate, s.client)
+        }));
         Ok(Arc::new(Proxy {
-            adaptive: Arc::new(Adaptive::new(
-                config.adaptive.clone(),
-                config.identity.max_keys,
-            )),
+            adaptive,
             broker,
             resolver,
             identity: Arc::new(identity),
@@ -333,6 +339,9 @@ impl Proxy {
 
     /// A JSON snapshot for `/status`: limit use, queue depths, pauses.
     pub fn status(&self) -> serde_json::Value {
+        // Show the cuts and ceilings other replicas shared, as the next admission will.
+        let (version, shared) = self.admission.shared_adaptive();
+        self.adaptive.merge(version, &shared);
         let set = self.admission.limits();
         let usage: Vec<_> = self
             .admission
@@ -373,12 +382,16 @@ impl Proxy {
             "critical_reserve": self.reserve_status(),
             "adaptive_cuts": self
                 .adaptive
-                .cuts()
+                .reports()
                 .into_iter()
-                .map(|((u, client), left)| serde_json::json!({
-                    "upstream": self.upstreams.get(u).map(|u| u.name.to_string()),
-                    "client": &*client,
-                    "seconds": left.as_secs_f64(),
+                .map(|r| serde_json::json!({
+                    "upstream": self.upstreams.get(r.key.0).map(|u| u.name.to_string()),
+                    "client": &*r.key.1,
+                    "factor": r.factor,
+                    "cuts": r.cuts,
+                    "seconds": r.hold_left.as_secs_f64(),
+                    "allowed": r.allowed,
+                    "client_share": r.client_share,
                 }))
                 .collect::<Vec<_>>(),
             "state": self.admission.backend_status(),
@@ -491,23 +504,27 @@ impl Proxy {
             Gauge {
                 name: "pacer_adaptive_rate_factor",
                 help:
-                    "Share of its rate ceilings a client may use after upstream 429s (1 = no cut).",
-                samples: self
-                    .adaptive
-                    .cuts()
-                    .into_iter()
-                    .map(|((u, client), _)| {
+                    "Share of its per-client rate ceiling a client may use after upstream 429s and reported budgets (1 = no cut).",
+                samples: {
+                    // Keys folded into one label (`unknown`) show the deepest cut.
+                    let mut factors: std::collections::BTreeMap<(String, String), f64> =
+                        Default::default();
+                    for r in self.adaptive.reports() {
                         let upstream = self
                             .upstreams
-                            .get(u)
+                            .get(r.key.0)
                             .map_or_else(String::new, |u| u.name.to_string());
-                        let client = self.key_label(&crate::limit::KeyPart::Client(client));
-                        (
-                            vec![("upstream", upstream), ("client", client)],
-                            1.0 - self.config.adaptive.cut,
-                        )
-                    })
-                    .collect(),
+                        let client = self.key_label(&crate::limit::KeyPart::Client(r.key.1));
+                        let e = factors.entry((upstream, client)).or_insert(1.0);
+                        *e = e.min(r.client_share);
+                    }
+                    factors
+                        .into_iter()
+                        .map(|((upstream, client), v)| {
+                            (vec![("upstream", upstream), ("client", client)], v)
+                        })
+                        .collect()
+                },
             },
             Gauge {
                 name: "pacer_state_backend_up",

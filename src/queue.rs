@@ -17,7 +17,7 @@ use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -123,9 +123,31 @@ struct Shared {
     reserve: Reserve,
     state: Mutex<State>,
     wake: Arc<Notify>,
+    /// The adaptive scale of a caller now (see [`Admission::set_scaler`]).
+    scaler: OnceLock<Scaler>,
 }
 
+/// The shares of its rate ceilings a caller may use now: (every layer, its per-client
+/// layer), as [`Demand::rate_scale`] and [`Demand::client_scale`].
+pub type Scaler = Arc<dyn Fn(&PauseKey) -> (f64, f64) + Send + Sync>;
+
 impl Shared {
+    /// The demand under the adaptive scale in force now: a request that waited through a
+    /// cut or a newly learned ceiling is admitted under it, not the one it arrived with.
+    fn rescaled(&self, demand: Arc<Demand>, key: Option<&PauseKey>) -> Arc<Demand> {
+        let (Some(scaler), Some(key)) = (self.scaler.get(), key) else {
+            return demand;
+        };
+        let (rate, client) = scaler(key);
+        if rate == demand.rate_scale && client == demand.client_scale {
+            return demand;
+        }
+        let mut d = (*demand).clone();
+        d.rate_scale = rate;
+        d.client_scale = client;
+        Arc::new(d)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // The queue's bookkeeping stays consistent per operation; after a panic elsewhere
         // keep serving with it.
@@ -178,6 +200,7 @@ impl Shared {
         ahead: Vec<u64>,
         pause: Option<&PauseKey>,
     ) -> Result<Grant, Blocked> {
+        let demand = self.rescaled(demand, pause);
         let backend = self.backend.clone();
         let pause = pause.map(shared_pause_name);
         if !backend.is_remote() {
@@ -237,9 +260,16 @@ impl Admission {
             clock,
             state: Mutex::new(State::default()),
             wake: wake.clone(),
+            scaler: OnceLock::new(),
         });
         tokio::spawn(schedule(Arc::downgrade(&shared), wake));
         Admission { shared }
+    }
+
+    /// Makes every admission attempt, also a waiting request's, use the adaptive scale in
+    /// force at that moment. Set once; later calls are ignored.
+    pub fn set_scaler(&self, scaler: Scaler) {
+        let _ = self.shared.scaler.set(scaler);
     }
 
     /// The compiled limits.
@@ -428,6 +458,16 @@ impl Admission {
         if let Some(layer) = per_client {
             self.shared.backend.at_least(layer, used);
         }
+    }
+
+    /// Shares a client's adaptive state with the other replicas (see [`Backend::share_adaptive`]).
+    pub fn share_adaptive(&self, field: String, value: String, ttl: Duration) {
+        self.shared.backend.share_adaptive(field, value, ttl);
+    }
+
+    /// The adaptive state the other replicas shared, with its version.
+    pub fn shared_adaptive(&self) -> crate::state::SharedAdaptive {
+        self.shared.backend.shared_adaptive()
     }
 
     /// The upstream asked for a pause: nothing for this key is sent before `retry_after`.

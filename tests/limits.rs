@@ -1512,13 +1512,14 @@ async fn use_outside_pacer_is_learned_from_inin_ratelimit_count() {
     .await;
 }
 
-/// Adaptive mode: more than 1% upstream 429s for a client cuts its rate ceilings.
+/// Adaptive mode: an upstream 429 episode (more than 1% of the client's answers) cuts its
+/// rate ceilings; the simulator sends no `inin-ratelimit-*`, so only the 429 teaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_429s_cut_the_clients_rate() {
     let _serial = serial();
     within("adaptive", async {
         let sim = start_sim(
-            "window = \"60s\"\nclient_requests = 10\norg_requests = 1000\n\
+            "window = \"60s\"\nclient_requests = 10\norg_requests = 1000\nrate_headers = false\n\
              [[client]]\nid = \"loose\"\nsecret = \"s3cret\"\n",
         )
         .await;
@@ -1555,4 +1556,193 @@ async fn upstream_429s_cut_the_clients_rate() {
         pacer.shutdown().await;
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. converging on a budget smaller than the configuration
+
+/// What the callers saw of a convergence run, with answer times since the start.
+struct Converged {
+    /// Upstream 2xx answer times.
+    ok: Vec<Duration>,
+    /// Upstream 429 answer times (no `x-pacer-reason`).
+    upstream_429: Vec<Duration>,
+    status: serde_json::Value,
+    metrics: String,
+}
+
+/// The upstream really allows 10 per 2 s for the client; pacer is configured for 20 per
+/// 2 s. 10 greedy callers for `RUN`; `rate_headers` says whether the simulator sends
+/// `inin-ratelimit-*`, `adaptive` is appended to the pacer config.
+async fn converge_run(rate_headers: bool, adaptive: &str) -> Converged {
+    const CALLERS: usize = 10;
+    const RUN: Duration = Duration::from_secs(22);
+    let sim = start_sim(&format!(
+        "window = \"2s\"\nlatency = \"2ms\"\nclient_requests = 10\norg_requests = 1000\n\
+         rate_headers = {rate_headers}\n\n\
+         [[client]]\nid = \"shared\"\nsecret = \"shared-secret\"\n"
+    ))
+    .await;
+    // A guard of 100 ms absorbs scheduling jitter on a loaded machine and still leaves
+    // 2 / 2.1 = 95% of the real budget usable.
+    let pacer = start_pacer(&sim_pacer_config(
+        &sim,
+        &format!(
+            "[queue]\nmax_wait = \"5s\"\ncritical_reserve = 0.0\n\n{adaptive}\n\n\
+             [[limit]]\nname = \"per-client\"\nupstream = \"api\"\nscope = \"client\"\n\
+             requests = 20\nper = \"2s\"\nguard = \"100ms\"\n"
+        ),
+    ))
+    .await;
+    let client = Arc::new(TestClient::http1(pacer.proxy_addr));
+    let token = token_via(&client, "shared", "shared-secret").await;
+    let start = Instant::now();
+    let deadline = start + RUN;
+    let mut tasks = JoinSet::new();
+    for _ in 0..CALLERS {
+        let (client, token) = (client.clone(), token.clone());
+        tasks.spawn(async move {
+            let (mut ok, mut upstream_429) = (Vec::new(), Vec::new());
+            let mut t = Tally::default();
+            while Instant::now() < deadline {
+                let req = client
+                    .request(Method::GET, "/api/v2/users")
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(empty())
+                    .unwrap();
+                let before = t;
+                let shed = send_counted(&client, req, &mut t).await;
+                let at = start.elapsed();
+                if t.ok > before.ok {
+                    ok.push(at);
+                } else if t.upstream_429 > before.upstream_429 {
+                    upstream_429.push(at);
+                }
+                if let Some((ra, _)) = shed {
+                    let back_off = Duration::from_secs(ra).min(Duration::from_millis(100));
+                    tokio::time::sleep(back_off).await;
+                }
+            }
+            assert_eq!(t.transport_errors + t.other, 0, "{t:?}");
+            (ok, upstream_429)
+        });
+    }
+    let (mut ok, mut upstream_429) = (Vec::new(), Vec::new());
+    while let Some(done) = tasks.join_next().await {
+        let (o, u) = done.expect("caller");
+        ok.extend(o);
+        upstream_429.extend(u);
+    }
+    ok.sort();
+    upstream_429.sort();
+    let stats = sim.stats();
+    let api_ok = stats.total.ok - 1; // the token request
+    assert_eq!(api_ok, ok.len() as u64, "callers' 2xx vs the simulator's");
+    assert_eq!(stats.total.too_many, upstream_429.len() as u64);
+    let status = status(&pacer).await;
+    let metrics = metrics(&pacer).await;
+    pacer.shutdown().await;
+    Converged {
+        ok,
+        upstream_429,
+        status,
+        metrics,
+    }
+}
+
+impl Converged {
+    /// Upstream 429s in the second half and the share of the real budget (10 per 2 s) used
+    /// there: accepted ÷ (10 × span / 2 s), the span running from the first acceptance of
+    /// the half to one window past its last (the greedy callers send each window's room
+    /// at once, so a fixed 10 s cut would count 4 or 5 windows by phase alone).
+    fn second_half(&self, tag: &str) -> (usize, f64) {
+        const HALF: Duration = Duration::from_secs(10);
+        const END: Duration = Duration::from_secs(20);
+        let late_429 = self.upstream_429.iter().filter(|&&t| t >= HALF).count();
+        let ok: Vec<Duration> = self
+            .ok
+            .iter()
+            .copied()
+            .filter(|&t| t >= HALF && t < END)
+            .collect();
+        let span = match (ok.first(), ok.last()) {
+            (Some(a), Some(b)) => (*b - *a) + Duration::from_secs(2),
+            _ => HALF,
+        };
+        let budget = 10.0 * span.as_secs_f64() / 2.0;
+        let utilization = ok.len() as f64 / budget;
+        eprintln!(
+            "{tag}: upstream 429s {} (at {:?}), in the second half {late_429}; \
+             accepted there {} over {span:?} = {utilization:.3} of the real budget",
+            self.upstream_429.len(),
+            self.upstream_429,
+            ok.len(),
+        );
+        (late_429, utilization)
+    }
+}
+
+/// With `inin-ratelimit-allowed` on the answers, pacer caps the client's per-client layer
+/// at the reported 10 and stays there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_on_the_reported_budget() {
+    let _serial = serial();
+    let run = tokio::time::timeout(Duration::from_secs(60), converge_run(true, ""))
+        .await
+        .expect("bounded run");
+    let (late_429, utilization) = run.second_half("allowed header");
+    assert_eq!(late_429, 0, "upstream 429s in the second half");
+    assert!(
+        utilization >= 0.9,
+        "used {utilization:.3} of the real budget"
+    );
+    let cuts = run.status["adaptive_cuts"]
+        .as_array()
+        .expect("adaptive_cuts");
+    assert!(
+        cuts.iter()
+            .any(|c| c["client"] == "shared" && c["allowed"] == 10),
+        "{}",
+        run.status
+    );
+    assert!(
+        run.metrics
+            .contains("pacer_adaptive_rate_factor{upstream=\"api\",client=\"shared\"} 0.5"),
+        "{}",
+        run.metrics
+    );
+}
+
+/// Without any `inin-ratelimit-*` header, each 429 episode cuts the rate again until the
+/// upstream stops refusing; a short hold lets recovery begin within the run without
+/// bringing the 429s back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converges_on_the_real_budget_from_429s_alone() {
+    let _serial = serial();
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        converge_run(false, "[adaptive]\nhold = \"5s\"\n"),
+    )
+    .await
+    .expect("bounded run");
+    let (late_429, utilization) = run.second_half("no headers");
+    assert_eq!(late_429, 0, "upstream 429s in the second half");
+    assert!(
+        utilization >= 0.9,
+        "used {utilization:.3} of the real budget"
+    );
+    assert!(
+        !run.upstream_429.is_empty(),
+        "the budget is learned from 429s"
+    );
+    let cuts = run.status["adaptive_cuts"]
+        .as_array()
+        .expect("adaptive_cuts");
+    let shared = cuts
+        .iter()
+        .find(|c| c["client"] == "shared")
+        .unwrap_or_else(|| panic!("no cut: {}", run.status));
+    eprintln!("no headers: {shared}");
+    assert!(shared["allowed"].is_null(), "{shared}");
+    assert!(shared["cuts"].as_u64().unwrap() >= 2, "{shared}");
 }

@@ -620,6 +620,100 @@ async fn rediss_with_a_private_ca() {
     .await;
 }
 
+/// Polls `replica`'s `/status` until its `adaptive_cuts` has an entry for the shared
+/// client that `accept` takes; that entry.
+async fn wait_for_adaptive(
+    replica: &Running,
+    accept: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let s = status(replica).await;
+        let found = s["adaptive_cuts"].as_array().and_then(|a| {
+            a.iter()
+                .find(|c| c["client"] == "shared" && accept(c))
+                .cloned()
+        });
+        if let Some(c) = found {
+            return c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not shared within 10 s: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A budget learned by one replica (a reported `inin-ratelimit-allowed`, a cut after an
+/// upstream 429) reaches the others through Redis: they admit under it without first
+/// hearing from the upstream themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
+    let _serial = SERIAL.lock().await;
+    within("shared adaptive state", async {
+        // The upstream reports 30 per 2 s for the client; pacer is configured for 60.
+        let redis = RedisServer::start();
+        let sim = one_client_sim("shared", 30, WINDOW).await;
+        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"", 2).await;
+        wait_until_shared(&running).await;
+        let get = |(addr, token): (SocketAddr, String)| async move {
+            TestClient::http1(addr)
+                .get(
+                    "/api/v2/users",
+                    &[("authorization", &format!("Bearer {token}"))],
+                )
+                .await
+        };
+        assert_eq!(get(targets[0].clone()).await.status, StatusCode::OK);
+        let seen = wait_for_adaptive(&running[1], |c| c["allowed"] == 30).await;
+        assert_eq!(seen["client_share"], 0.5, "{seen}");
+        // Replica 1's first request is admitted under the learned ceiling.
+        let reply = get(targets[1].clone()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(
+            reply.header("ratelimit-policy"),
+            Some("\"per-client\";q=30;w=2"),
+            "{reply:?}"
+        );
+        for r in running {
+            r.shutdown().await;
+        }
+
+        // An upstream that reports nothing and allows 5: replica 0's 429 cuts for both.
+        let redis = RedisServer::start();
+        let cfg = pacer::sim::SimConfig::from_toml_str(
+            "window = \"2s\"\nclient_requests = 5\norg_requests = 1000000\n\
+             token_requests = 1000\nrate_headers = false\n\
+             [[client]]\nid = \"shared\"\nsecret = \"s3cret\"\n",
+        )
+        .unwrap();
+        let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), cfg)
+            .await
+            .unwrap();
+        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"", 2).await;
+        wait_until_shared(&running).await;
+        let mut upstream_429 = false;
+        for _ in 0..10 {
+            let reply = get(targets[0].clone()).await;
+            if reply.status == StatusCode::TOO_MANY_REQUESTS {
+                assert_eq!(reply.header("x-pacer-reason"), None, "{reply:?}");
+                upstream_429 = true;
+                break;
+            }
+        }
+        assert!(upstream_429, "the simulator never answered 429");
+        let seen = wait_for_adaptive(&running[1], |c| c["cuts"] == 1).await;
+        assert_eq!(seen["factor"], 0.8, "{seen}");
+        assert!(seen["allowed"].is_null(), "{seen}");
+        assert_eq!(sim.stats().total.too_many, 1, "{:?}", sim.stats());
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}
+
 /// A client seen sending critical traffic on one replica keeps the critical reserve on
 /// every replica: the learned set lives in Redis (a sorted set scored by last-seen time),
 /// and each replica reads it with its heartbeat.

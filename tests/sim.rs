@@ -473,3 +473,30 @@ async fn malformed_requests_get_400() {
     .await
     .unwrap();
 }
+
+/// `rate_headers = false`: an upstream that enforces its limit but says nothing about its
+/// budget (no `inin-ratelimit-*`), only 429 with `Retry-After`.
+#[tokio::test]
+async fn rate_headers_can_be_switched_off() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let sim = start("window = \"60s\"\nclient_requests = 1\nrate_headers = false").await;
+        let http = Http::new(&sim);
+        let token = http.token(IVR).await;
+        let ok = http.get("/api/v2/users", &token).await;
+        assert_eq!(ok.status, StatusCode::OK);
+        let refused = http.get("/api/v2/users", &token).await;
+        assert_rate_limited(&refused);
+        for r in [&ok, &refused] {
+            for h in [
+                "inin-ratelimit-count",
+                "inin-ratelimit-allowed",
+                "inin-ratelimit-reset",
+            ] {
+                assert!(!r.headers.contains_key(h), "{h} sent: {:?}", r.headers);
+            }
+        }
+        sim.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

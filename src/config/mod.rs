@@ -76,19 +76,25 @@ pub struct Config {
     pub adaptive: AdaptiveConfig,
 }
 
-/// `[adaptive]`: cut a client's rate after upstream 429s.
+/// `[adaptive]`: converge on an upstream's real budget for a client, from its 429s and
+/// its `inin-ratelimit-allowed` reports.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdaptiveConfig {
     pub enabled: bool,
-    /// Share of a client's answers in a minute that may be 429 before its rate is cut.
+    /// Share of a client's answers in a minute that must be 429 before a 429 episode cuts.
     pub threshold: f64,
-    /// Fraction of the rate ceilings taken away.
+    /// Fraction of the effective rate each 429 episode takes away.
     pub cut: f64,
-    /// How long a cut lasts.
+    /// No recovery before this long without a 429; a learned `inin-ratelimit-allowed`
+    /// ceiling lapses after this long without a report.
     pub hold: Dur,
     /// Answers in the minute before the share counts as evidence.
     pub min_answers: u64,
+    /// Lowest share of its configured rate a client is ever cut to.
+    pub floor: f64,
+    /// Share of the configured rate regained per minute once `hold` has passed.
+    pub recover: f64,
 }
 
 impl Default for AdaptiveConfig {
@@ -98,7 +104,9 @@ impl Default for AdaptiveConfig {
             threshold: 0.01,
             cut: 0.2,
             hold: Dur::secs(3600),
-            min_answers: 100,
+            min_answers: 1,
+            floor: 0.25,
+            recover: 0.05,
         }
     }
 }
@@ -706,6 +714,27 @@ impl Config {
                 "adaptive.cut".into(),
                 format!("must be in (0, 1), got {}", ad.cut),
             );
+        }
+        if !(ad.floor > 0.0 && ad.floor <= 1.0) {
+            err(
+                "adaptive.floor".into(),
+                format!("must be in (0, 1], got {}", ad.floor),
+            );
+        }
+        if !(ad.recover > 0.0 && ad.recover <= 1.0) {
+            err(
+                "adaptive.recover".into(),
+                format!(
+                    "must be in (0, 1] (share of the configured rate per minute), got {}",
+                    ad.recover
+                ),
+            );
+        }
+        if ad.hold.0.is_zero() {
+            err("adaptive.hold".into(), "must be longer than 0s".into());
+        }
+        if ad.min_answers == 0 {
+            err("adaptive.min_answers".into(), "must be at least 1".into());
         }
         let st = &self.state;
         if st.backend == StateBackend::Redis {

@@ -269,6 +269,36 @@ fn redis_mode_mistakes_name_their_keys() {
 }
 
 #[test]
+fn adaptive_keys_are_validated_with_their_paths() {
+    let c = Config::parse(MINIMAL).expect("minimal");
+    assert_eq!(c.adaptive.floor, 0.25);
+    assert_eq!(c.adaptive.recover, 0.05);
+    assert_eq!(c.adaptive.min_answers, 1);
+    let text = format!(
+        "{MINIMAL}[adaptive]\nthreshold = 1.5\ncut = 0.0\nfloor = 0.0\nrecover = 2.0\n\
+         hold = \"0s\"\nmin_answers = 0\n"
+    );
+    let errs = Config::parse(&text).unwrap_err();
+    let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+    for key in [
+        "adaptive.threshold",
+        "adaptive.cut",
+        "adaptive.floor",
+        "adaptive.recover",
+        "adaptive.hold",
+        "adaptive.min_answers",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)),
+            "{key}: {lines:#?}"
+        );
+    }
+    let ok = format!("{MINIMAL}[adaptive]\nfloor = 0.5\nrecover = 0.1\nhold = \"30s\"\n");
+    let c = Config::parse(&ok).expect("valid adaptive keys");
+    assert_eq!((c.adaptive.floor, c.adaptive.recover), (0.5, 0.1));
+}
+
+#[test]
 fn reserve_memory_defaults_to_a_day_and_must_be_at_least_a_second() {
     let c = Config::parse_with_env(MINIMAL, &env).unwrap();
     assert_eq!(c.queue.reserve_memory, Dur::secs(24 * 3600));

@@ -169,6 +169,7 @@ impl LimitSet {
                 },
             })
             .collect::<Vec<_>>();
+        let client_layer = self.per_client(&layers);
         Demand {
             upstream,
             // Until told where critical traffic goes, every key keeps the reserve.
@@ -177,7 +178,19 @@ impl LimitSet {
             priority,
             endpoint,
             rate_scale: 1.0,
+            client_scale: 1.0,
+            client_layer,
         }
+    }
+
+    /// Index among `layers` of the caller's per-client rate layer: the first client-scope
+    /// rate limit without a `match`, the one the upstream's `inin-ratelimit-*` headers
+    /// describe.
+    pub fn per_client(&self, layers: &[LayerKey]) -> Option<usize> {
+        layers.iter().position(|l| {
+            let spec = &self.specs[l.limit];
+            spec.scope == Scope::Client && spec.template.is_none() && spec.ceilings.is_some()
+        })
     }
 }
 
@@ -219,6 +232,11 @@ pub struct Demand {
     /// Share of every rate ceiling this request may use (adaptive mode cuts it after
     /// upstream 429s); 1.0 normally.
     pub rate_scale: f64,
+    /// Share of the per-client layer's ceiling the upstream reports as the client's budget
+    /// (`inin-ratelimit-allowed`); 1.0 normally.
+    pub client_scale: f64,
+    /// Index in `layers` of the per-client layer ([`LimitSet::per_client`]).
+    pub client_layer: Option<usize>,
     /// Per layer: true when its key keeps the critical reserve, so normal and bulk stop
     /// short of it (see [`crate::reserve`]).
     pub reserved: Vec<bool>,
@@ -229,6 +247,15 @@ impl Demand {
     /// admission did not decide on keeps it.
     pub fn holds_reserve(&self, i: usize) -> bool {
         self.reserved.get(i).copied().unwrap_or(true)
+    }
+
+    /// Share of its rate ceiling the `i`-th layer allows this request.
+    pub fn scale_of(&self, i: usize) -> f64 {
+        if self.client_layer == Some(i) {
+            self.rate_scale.min(self.client_scale)
+        } else {
+            self.rate_scale
+        }
     }
 }
 
@@ -335,7 +362,7 @@ impl Ledger {
             let ahead = queued_ahead(layer);
             if let Some(ceil) = spec.rate_ceiling(class, reserved) {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil, demand.rate_scale);
+                let ceil = scaled(ceil, demand.scale_of(i));
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, ahead);
                 if wait > 0 {
                     let worse = match &blocked {
@@ -508,7 +535,7 @@ impl Ledger {
     }
 
     /// The rate layer of the demand's layers with the least room left for its priority
-    /// class (its share of the quota, as cut by `rate_scale`, not the whole).
+    /// class (its share of the quota, as cut by adaptive mode, not the whole).
     pub fn tightest(&mut self, set: &LimitSet, now: Nanos, demand: &Demand) -> Option<Headroom> {
         let class = demand.priority.index();
         let mut best: Option<Headroom> = None;
@@ -516,7 +543,7 @@ impl Ledger {
             let spec = &set.specs[layer.limit];
             let Some(quota) = spec
                 .rate_ceiling(class, demand.holds_reserve(i))
-                .map(|c| scaled(c, demand.rate_scale))
+                .map(|c| scaled(c, demand.scale_of(i)))
             else {
                 continue;
             };

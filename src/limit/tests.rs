@@ -158,6 +158,50 @@ proptest! {
     }
 }
 
+/// A learned `inin-ratelimit-allowed` share caps only the per-client layer without a
+/// `match`; the adaptive cut caps every layer of the request.
+#[test]
+fn client_scale_caps_only_the_per_client_layer() {
+    let (_, s) = set(LAYERS);
+    let a: Arc<str> = Arc::from("a");
+    let mut d = s.demand(0, &a, &Method::PUT, "/ivrs/1", Priority::Normal);
+    let names: Vec<&str> = d
+        .layers
+        .iter()
+        .map(|l| s.specs[l.limit].name.as_ref())
+        .collect();
+    assert_eq!(names, ["client", "org", "ivr"]);
+    assert_eq!(d.client_layer, Some(0), "not the `match`ed client layer");
+    d.client_scale = 0.4;
+    assert_eq!(d.scale_of(0), 0.4);
+    assert_eq!(d.scale_of(1), 1.0, "the global layer keeps its size");
+    assert_eq!(d.scale_of(2), 1.0, "the endpoint layer keeps its size");
+    d.rate_scale = 0.6;
+    assert_eq!(d.scale_of(0), 0.4, "the lower of the two");
+    assert_eq!(d.scale_of(1), 0.6);
+
+    // In the ledger: 5 × 0.4 = 2 per second for the client, the others unchanged.
+    let mut l = Ledger::new();
+    let mut g = s.demand(0, &a, &Method::GET, "/x", Priority::Normal);
+    g.client_scale = 0.4;
+    assert!(l.try_take(&s, 0, &g, &|_| 0).is_ok());
+    assert!(l.try_take(&s, 1, &g, &|_| 0).is_ok());
+    let blocked = l.try_take(&s, 2, &g, &|_| 0).unwrap_err();
+    assert_eq!(
+        s.specs[blocked.layer().expect("a layer blocks").limit]
+            .name
+            .as_ref(),
+        "client"
+    );
+    let head = l.tightest(&s, 2, &g).expect("headroom");
+    assert_eq!((head.quota, head.remaining), (2, 0));
+    let b: Arc<str> = Arc::from("b");
+    let other = s.demand(0, &b, &Method::GET, "/x", Priority::Normal);
+    for t in 0..5 {
+        assert!(l.try_take(&s, 3 + t, &other, &|_| 0).is_ok(), "{t}");
+    }
+}
+
 /// An upstream's count is untrusted: 2^64-1 fills the key to its ceiling in one step (the
 /// old loop recorded one send per unit under the ledger lock), and other keys are untouched.
 #[test]

@@ -370,6 +370,63 @@ async fn sends_recorded_for_distinct_clients_share_the_overflow_key_too() {
     assert!(a.keys() <= 101, "{}", a.keys());
 }
 
+/// A request that waits through a cut is admitted under the cut, not under the scale it
+/// arrived with: after 10 sends in the first second, a cut to half lets only 5 of the
+/// waiting requests into the next window.
+#[tokio::test(start_paused = true)]
+async fn waiters_are_admitted_under_the_scale_in_force() {
+    let a = admission(TEN_PER_SECOND);
+    let half = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cut = half.clone();
+    a.set_scaler(Arc::new(move |_| {
+        let s = if cut.load(std::sync::atomic::Ordering::Relaxed) {
+            0.5
+        } else {
+            1.0
+        };
+        (s, 1.0)
+    }));
+    let key: PauseKey = (0, Arc::from("c"));
+    for _ in 0..10 {
+        a.admit(
+            demand(&a, "c", Priority::Normal),
+            Some(key.clone()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap()
+        .commit();
+    }
+    let start = Instant::now();
+    let mut waiting = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let (a, key) = (a.clone(), key.clone());
+        waiting.spawn(async move {
+            let d = demand(&a, "c", Priority::Normal);
+            a.admit(d, Some(key), Duration::from_secs(5))
+                .await
+                .unwrap()
+                .commit();
+            Instant::now() - start
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    half.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut at = Vec::new();
+    while let Some(t) = waiting.join_next().await {
+        at.push(t.unwrap());
+    }
+    at.sort();
+    assert!(
+        at[..5].iter().all(|&t| t == Duration::from_secs(1)),
+        "{at:?}"
+    );
+    assert!(
+        at[5..].iter().all(|&t| t == Duration::from_secs(2)),
+        "{at:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_learned_reserve_holds_while_critical_traffic_comes_and_is_forgotten_after() {
     let a = admission(

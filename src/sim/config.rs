@@ -37,6 +37,9 @@ pub struct SimConfig {
     pub token_requests: u64,
     /// In-flight `/api/v2` requests per client; 0 = unlimited.
     pub client_concurrency: u64,
+    /// Send `inin-ratelimit-count`/`-allowed`/`-reset` on `/api/v2` answers, as Genesys
+    /// does; off for an upstream that says nothing about its budget.
+    pub rate_headers: bool,
     /// Known OAuth clients.
     #[serde(rename = "client")]
     pub clients: Vec<SimClient>,
@@ -103,6 +106,7 @@ impl Default for SimConfig {
             org_requests: 3000,
             token_requests: 300,
             client_concurrency: 0,
+            rate_headers: true,
             clients: default_clients(),
             endpoints: default_endpoints(),
         }

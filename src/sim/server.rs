@@ -402,7 +402,7 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
         }
         (Some(_), _, None) => echo(method, path, shared.config.body_bytes),
     };
-    if let Some(h) = headers {
+    if let Some(h) = headers.filter(|_| shared.config.rate_headers) {
         rate_headers(resp.headers_mut(), h);
     }
     {

@@ -58,6 +58,9 @@ pub struct BackendStatus {
     pub replicas: u64,
 }
 
+/// Adaptive states replicas share (field, value), with a version that changes when they do.
+pub type SharedAdaptive = (u64, Arc<Vec<(String, String)>>);
+
 /// A store of limit counters. `take` is one atomic step: room in every layer, or nothing.
 pub trait Backend: Send + Sync + 'static {
     /// Reserves room for `demand`; `ahead[i]` requests wait before it on `demand.layers[i]`.
@@ -83,6 +86,14 @@ pub trait Backend: Send + Sync + 'static {
     fn at_least(&self, _layer: &LayerKey, _used: u64) {}
     /// Shares an upstream's pause with other replicas (the queue keeps its own copy).
     fn pause(&self, _key: &str, _for: Duration) {}
+    /// Shares a client's adaptive state (a cut, a learned ceiling) with other replicas for
+    /// `ttl`; local state has no one to share with.
+    fn share_adaptive(&self, _field: String, _value: String, _ttl: Duration) {}
+    /// The adaptive state other replicas shared, as last read, with a version that
+    /// changes whenever it does.
+    fn shared_adaptive(&self) -> SharedAdaptive {
+        (0, Arc::default())
+    }
     /// Shares keys critical traffic was seen to reach (see [`crate::reserve`]) with other
     /// replicas, for `keep`; local state has no one to share with.
     fn share_critical(&self, _members: Vec<String>, _keep: Duration) {}

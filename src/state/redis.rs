@@ -18,7 +18,7 @@
 //! Sentinels name (`sentinel`: asked at every (re)connection, so a failover is followed once
 //! the heartbeat replaces the dead connection).
 
-use super::{Backend, BackendStatus, Clock, Grant};
+use super::{Backend, BackendStatus, Clock, Grant, SharedAdaptive};
 use crate::config::{RedisMode, StateConfig};
 use crate::limit::window::Nanos;
 use crate::limit::{
@@ -119,6 +119,17 @@ for i, key in ipairs(KEYS) do
 end
 return 1
 "#;
+
+/// Most clients whose adaptive state replicas share; the rest are each replica's own.
+const MAX_SHARED_ADAPTIVE: usize = 10_000;
+
+/// Milliseconds since the Unix epoch (shared adaptive states expire by the wall clock:
+/// replicas' own clocks differ only by far less than a hold).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// Remembers keys critical traffic reached (see [`crate::reserve`]): scored by Redis' time
 /// in ms, pruned past their memory, at most `max` members (those seen longest ago go).
@@ -454,6 +465,9 @@ pub struct RedisBackend {
     replayed_at: Mutex<Option<Instant>>,
     /// As many replicas as this one knows of heartbeat Redis now (set by the heartbeat).
     peers_back: AtomicBool,
+    /// Adaptive state shared by the replicas as the heartbeat last read it, with a version
+    /// bumped whenever it changed.
+    adaptive: Mutex<SharedAdaptive>,
     /// Keys kept per caller at most (`[identity] max_keys`).
     max_keys: usize,
     /// Keys the replicas saw critical traffic reach, read by the heartbeat and not yet
@@ -490,6 +504,7 @@ impl RedisBackend {
             clock,
             target,
             conn: RwLock::new(None),
+            adaptive: Mutex::new((0, Arc::default())),
             script: redis::Script::new(ADMIT),
             record_script: redis::Script::new(RECORD),
             replica: format!("{:016x}", rand::random::<u64>()),
@@ -530,6 +545,51 @@ impl RedisBackend {
     /// Sorted set of live replicas, scored by their last heartbeat (ms).
     fn replicas_key(&self) -> String {
         format!("{{{}}}:replicas", self.cfg.key_prefix)
+    }
+
+    /// Hash of the clients' shared adaptive states: field `upstream:client`, value
+    /// `expiry_ms|state`.
+    fn adaptive_key(&self) -> String {
+        format!("{{{}}}:adaptive", self.cfg.key_prefix)
+    }
+
+    /// Reads the shared adaptive states, drops expired ones (and the soonest to expire past
+    /// [`MAX_SHARED_ADAPTIVE`]), and bumps the version when they changed.
+    async fn refresh_adaptive(&self, conn: &mut Conn) -> Result<(), redis::RedisError> {
+        let key = self.adaptive_key();
+        let all: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+        let now = wall_ms();
+        let mut live: Vec<(u64, String, String)> = Vec::new();
+        let mut stale: Vec<String> = Vec::new();
+        for (field, value) in all {
+            match value
+                .split_once('|')
+                .and_then(|(t, v)| Some((t.parse::<u64>().ok()?, v)))
+            {
+                Some((until, v)) if until > now => live.push((until, field, v.to_string())),
+                _ => stale.push(field),
+            }
+        }
+        if live.len() > MAX_SHARED_ADAPTIVE {
+            live.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+            stale.extend(live.drain(MAX_SHARED_ADAPTIVE..).map(|(_, f, _)| f));
+        }
+        if !stale.is_empty() {
+            redis::cmd("HDEL")
+                .arg(&key)
+                .arg(&stale)
+                .query_async::<()>(conn)
+                .await?;
+        }
+        let mut entries: Vec<(String, String)> = live.into_iter().map(|(_, f, v)| (f, v)).collect();
+        entries.sort_unstable();
+        let mut current = self.adaptive.lock().unwrap_or_else(|p| p.into_inner());
+        if *current.1 != entries {
+            current.0 = current.0.wrapping_add(1);
+            current.1 = Arc::new(entries);
+        }
+        Ok(())
     }
 
     /// Sorted set of the keys critical traffic reached, scored by when (ms, Redis time).
@@ -709,6 +769,7 @@ impl RedisBackend {
             let spec = &self.set.specs[layer.limit];
             let index = demand.layers.iter().position(|l| l == layer);
             let a = index.and_then(|i| ahead.get(i)).copied().unwrap_or(0);
+            let scale = index.map_or(demand.rate_scale, |i| demand.scale_of(i));
             // Decided in Rust per key: the script only sees each key's ceiling.
             let reserved = index.is_none_or(|i| demand.holds_reserve(i));
             let (kind, ceil, span, quota) = match (
@@ -717,7 +778,7 @@ impl RedisBackend {
                 spec.concurrency_cap(class, reserved),
             ) {
                 (false, Some(c), _) => {
-                    let ceil = scaled(c, demand.rate_scale);
+                    let ceil = scaled(c, scale);
                     (1, ceil, spec.window / 1000, ceil)
                 }
                 (true, _, Some(c)) => (2, c, lease, spec.concurrency_cap(0, true).unwrap_or(c)),
@@ -952,20 +1013,18 @@ impl Backend for RedisBackend {
                         leases.insert(id, conc);
                     }
                 }
-                let headroom = key_at(v[2]).filter(|_| v[3] >= 0).map(|layer| Headroom {
-                    limit: layer.limit,
-                    quota: self.set.specs[layer.limit]
-                        .rate_ceiling(
-                            demand.priority.index(),
-                            demand
-                                .layers
-                                .iter()
-                                .position(|l| *l == layer)
-                                .is_none_or(|i| demand.holds_reserve(i)),
-                        )
-                        .map_or(0, |c| scaled(c, demand.rate_scale)),
-                    remaining: v[3] as u64,
-                    reset: Duration::from_micros(v[4].max(0) as u64),
+                let headroom = key_at(v[2]).filter(|_| v[3] >= 0).map(|layer| {
+                    let index = demand.layers.iter().position(|l| *l == layer);
+                    let scale = index.map_or(demand.rate_scale, |i| demand.scale_of(i));
+                    let reserved = index.is_none_or(|i| demand.holds_reserve(i));
+                    Headroom {
+                        limit: layer.limit,
+                        quota: self.set.specs[layer.limit]
+                            .rate_ceiling(demand.priority.index(), reserved)
+                            .map_or(0, |c| scaled(c, scale)),
+                        remaining: v[3] as u64,
+                        reset: Duration::from_micros(v[4].max(0) as u64),
+                    }
                 });
                 Ok(Grant { taken, headroom })
             } else {
@@ -1030,6 +1089,28 @@ impl Backend for RedisBackend {
                 .to_owned();
             let _ = tokio::time::timeout(timeout * 5, cmd.query_async::<()>(&mut conn)).await;
         });
+    }
+
+    fn share_adaptive(&self, field: String, value: String, ttl: Duration) {
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let entry = format!("{}|{value}", wall_ms().saturating_add(ttl_ms));
+        let key = self.adaptive_key();
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            pipe.hset(&key, field, entry).ignore();
+            pipe.pexpire(&key, i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+                .ignore();
+            let _ = tokio::time::timeout(timeout * 5, pipe.query_async::<()>(&mut conn)).await;
+        });
+    }
+
+    fn shared_adaptive(&self) -> SharedAdaptive {
+        let current = self.adaptive.lock().unwrap_or_else(|p| p.into_inner());
+        (current.0, current.1.clone())
     }
 
     fn share_critical(&self, members: Vec<String>, keep: Duration) {
@@ -1133,7 +1214,12 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                 // heartbeat that tells the peers it is back.
                 b.replay(&mut conn).await?;
             }
-            beat_once(&b, &mut conn).await
+            let beat = beat_once(&b, &mut conn).await?;
+            // Other replicas' cuts and learned ceilings; a failure here is no outage.
+            if let Err(e) = b.refresh_adaptive(&mut conn).await {
+                tracing::debug!(error = %e, "reading shared adaptive state");
+            }
+            Ok::<_, redis::RedisError>(beat)
         })
         .await;
         match beat {
