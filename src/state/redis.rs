@@ -1250,8 +1250,8 @@ async fn heartbeat(backend: std::sync::Weak<RedisBackend>) {
                 b.peers_back.store(fresh >= replicas, Ordering::SeqCst);
                 // What the replicas learned about critical traffic (two round trips); a
                 // failure is no outage, and a slow read does not hold up the next beat.
-                let read = tokio::time::timeout(b.cfg.timeout.0 * 2, b.refresh_critical(&mut conn));
-                match read.await {
+                let read = b.refresh_critical(&mut conn);
+                match tokio::time::timeout(b.cfg.timeout.0 * 2, read).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::debug!(error = %e, "reading the critical set"),
                     Err(_) => tracing::debug!("reading the critical set: timeout"),
