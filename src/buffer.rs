@@ -135,29 +135,38 @@ fn set_length(headers: &mut HeaderMap, method: &Method, len: usize) {
 /// The answer to a request whose body could not be read: 408 when it stalled or ran past
 /// the deadline, 413 past `max_body_bytes`, else 400 (bad framing, cut short).
 fn body_error(err: &(dyn std::error::Error + 'static)) -> ProxyError {
+    client_body_error(err).unwrap_or_else(|| {
+        ProxyError::new(
+            ErrorKind::BadRequest("request body is malformed or incomplete"),
+            err.to_string(),
+        )
+    })
+}
+
+/// The answer owed to the caller when `err` (or an error it wraps) is the caller's own
+/// body failing: over `max_body_bytes` (413), stalled (408), cut short or malformed (400).
+/// `None` when the cause lies elsewhere.
+pub(crate) fn client_body_error(err: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
     let mut source = Some(err);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
-            return ProxyError::new(
+            return Some(ProxyError::new(
                 ErrorKind::PayloadTooLarge,
                 "request body over max_body_bytes",
-            );
+            ));
         }
         if let Some(t) = e.downcast_ref::<BodyTimeout>() {
-            return ProxyError::new(ErrorKind::RequestTimeout, t.to_string());
+            return Some(ProxyError::new(ErrorKind::RequestTimeout, t.to_string()));
         }
         if let Some(b) = e.downcast_ref::<ClientBodyError>() {
-            return ProxyError::new(
+            return Some(ProxyError::new(
                 ErrorKind::BadRequest("request body is malformed or incomplete"),
                 b.to_string(),
-            );
+            ));
         }
         source = e.source();
     }
-    ProxyError::new(
-        ErrorKind::BadRequest("request body is malformed or incomplete"),
-        err.to_string(),
-    )
+    None
 }
 
 #[cfg(test)]

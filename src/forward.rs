@@ -8,7 +8,6 @@ use crate::guard::Target;
 use crate::identity::TokenResolver;
 use crate::proxy::{ConnInfo, Proxy, StageFuture};
 use crate::route::RouteMatch;
-use crate::server::{BodyTimeout, ClientBodyError};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -234,31 +233,14 @@ pub fn boxed(body: Incoming) -> ProxyBody {
 }
 
 fn classify_client_error(upstream: &str, e: hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return ProxyError::new(
-                ErrorKind::PayloadTooLarge,
-                "request body over max_body_bytes",
-            );
-        }
-        // The client's body failed: the upstream request was aborted mid-body and its
-        // connection closed, so it never sees a cut-short body as complete.
-        if let Some(t) = err.downcast_ref::<BodyTimeout>() {
-            return ProxyError::new(ErrorKind::RequestTimeout, t.to_string());
-        }
-        if let Some(b) = err.downcast_ref::<ClientBodyError>() {
-            return ProxyError::new(
-                ErrorKind::BadRequest("request body is malformed or incomplete"),
-                b.to_string(),
-            );
-        }
-        source = err.source();
-    }
-    ProxyError::new(
-        ErrorKind::UpstreamUnreachable,
-        format!("{upstream}: {}", error_chain(&e)),
-    )
+    // The client's body failed: the upstream request was aborted mid-body and its
+    // connection closed, so it never sees a cut-short body as complete.
+    crate::buffer::client_body_error(&e).unwrap_or_else(|| {
+        ProxyError::new(
+            ErrorKind::UpstreamUnreachable,
+            format!("{upstream}: {}", error_chain(&e)),
+        )
+    })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -120,6 +120,26 @@ impl Tally {
     }
 }
 
+/// One request of a greedy caller of the users API: sent and counted, then a back-off of
+/// the shed answer's `Retry-After`, at most 100 ms. The `send_counted` answer, for callers
+/// that look at it.
+async fn greedy_step(
+    client: &TestClient,
+    token: &str,
+    t: &mut Tally,
+) -> Option<(u64, Option<String>)> {
+    let req = client
+        .request(Method::GET, "/api/v2/users")
+        .header("authorization", format!("Bearer {token}"))
+        .body(empty())
+        .unwrap();
+    let shed = send_counted(client, req, t).await;
+    if let Some((ra, _)) = &shed {
+        tokio::time::sleep(Duration::from_secs(*ra).min(Duration::from_millis(100))).await;
+    }
+    shed
+}
+
 /// Sends one request, reads the whole answer and counts it. Returns the shed answer's
 /// `Retry-After` (or `Some(0)` for an upstream 429) so the caller can back off.
 async fn send_counted(
@@ -233,15 +253,7 @@ async fn greedy_callers(guard: &str) {
                 tasks.spawn(async move {
                     let mut t = Tally::default();
                     while Instant::now() < deadline {
-                        let req = client
-                            .request(Method::GET, "/api/v2/users")
-                            .header("authorization", format!("Bearer {token}"))
-                            .body(empty())
-                            .unwrap();
-                        if let Some((ra, _)) = send_counted(&client, req, &mut t).await {
-                            let back_off = Duration::from_secs(ra).min(Duration::from_millis(100));
-                            tokio::time::sleep(back_off).await;
-                        }
+                        greedy_step(&client, &token, &mut t).await;
                     }
                     (c, t)
                 });
@@ -503,15 +515,7 @@ async fn greedy_steady_state(
                 tokio::time::sleep_until(start + offset).await;
                 let mut t = Tally::default();
                 while !stop.load(Ordering::Relaxed) {
-                    let req = client
-                        .request(Method::GET, "/api/v2/users")
-                        .header("authorization", format!("Bearer {token}"))
-                        .body(empty())
-                        .unwrap();
-                    if let Some((ra, _)) = send_counted(&client, req, &mut t).await {
-                        let back_off = Duration::from_secs(ra).min(Duration::from_millis(100));
-                        tokio::time::sleep(back_off).await;
-                    }
+                    greedy_step(&client, &token, &mut t).await;
                 }
                 (id, t)
             });
@@ -1605,22 +1609,14 @@ async fn converge_run(rate_headers: bool, adaptive: &str) -> Converged {
             let (mut ok, mut upstream_429) = (Vec::new(), Vec::new());
             let mut t = Tally::default();
             while Instant::now() < deadline {
-                let req = client
-                    .request(Method::GET, "/api/v2/users")
-                    .header("authorization", format!("Bearer {token}"))
-                    .body(empty())
-                    .unwrap();
                 let before = t;
-                let shed = send_counted(&client, req, &mut t).await;
+                // Sheds back off inside; answers that count here (2xx, upstream 429) do not.
+                greedy_step(&client, &token, &mut t).await;
                 let at = start.elapsed();
                 if t.ok > before.ok {
                     ok.push(at);
                 } else if t.upstream_429 > before.upstream_429 {
                     upstream_429.push(at);
-                }
-                if let Some((ra, _)) = shed {
-                    let back_off = Duration::from_secs(ra).min(Duration::from_millis(100));
-                    tokio::time::sleep(back_off).await;
                 }
             }
             assert_eq!(t.transport_errors + t.other, 0, "{t:?}");

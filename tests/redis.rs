@@ -4,7 +4,7 @@
 mod common;
 
 use common::redis::{
-    greedy, one_client_sim, shared_limit_config, status, wait_all_up, RedisServer, Tally,
+    get_users, greedy, one_client_sim, shared_limit_config, status, wait_all_up, RedisServer, Tally,
 };
 use common::{empty, token_via, within, TestClient};
 use http::{Method, StatusCode};
@@ -372,72 +372,36 @@ async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_pauses_every_replica_through_redis() {
-    let _serial = SERIAL.lock().await;
-    within("shared pause", async {
-        let redis = RedisServer::start();
-        // The upstream allows 5 per 2 s; pacer is told 60, so the sixth is the upstream's 429.
-        let sim = one_client_sim("shared", 5, WINDOW).await;
-        let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"", 2).await;
-        wait_until_shared(&running).await;
-        let send = |i: usize| {
-            let (addr, token) = targets[i].clone();
-            async move {
-                TestClient::http1(addr)
-                    .get(
-                        "/api/v2/users",
-                        &[("authorization", &format!("Bearer {token}"))],
-                    )
-                    .await
-            }
-        };
-        let mut upstream_429 = false;
-        for _ in 0..10 {
-            let reply = send(0).await;
-            if reply.status == StatusCode::TOO_MANY_REQUESTS {
-                assert_eq!(reply.header("x-pacer-reason"), None, "{reply:?}");
-                upstream_429 = true;
-                break;
-            }
-        }
-        assert!(upstream_429, "the simulator never answered 429");
-        // The other replica learns the pause from Redis and sheds without asking upstream.
-        let before = sim.stats().total.requests;
-        let reply = send(1).await;
-        assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(reply.header("x-pacer-reason"), Some("upstream_paused"));
-        assert!(reply.header("retry-after").is_some());
-        assert_eq!(
-            sim.stats().total.requests,
-            before,
-            "the request reached upstream"
-        );
-        // A paused answer is an answer: both replicas still share through Redis.
-        for r in &running {
-            let s = status(r).await;
-            assert_eq!(s["state"]["up"], true, "{s}");
-        }
-        for r in running {
-            r.shutdown().await;
-        }
-    })
-    .await;
+    an_upstream_pause_is_shared_and_shed_as_a_pause(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_pause_with_no_limit_at_all_is_shared_and_shed_as_a_pause() {
+    an_upstream_pause_is_shared_and_shed_as_a_pause(false).await;
+}
+
+/// An upstream 429 on one replica pauses its client on every replica through Redis: both
+/// shed at once, as a pause that names no limit of pacer's (whether pacer has `limits` or
+/// none at all), nothing reaches the upstream, and both still share.
+async fn an_upstream_pause_is_shared_and_shed_as_a_pause(limits: bool) {
     let _serial = SERIAL.lock().await;
-    within("shared pause without limits", async {
+    within("shared pause", async {
         let redis = RedisServer::start();
-        // No `[[limit]]` anywhere: only the upstream (5 per 4 s) says when to stop.
+        // The upstream allows 5 per 4 s; pacer is told 60 per 2 s, or has no `[[limit]]`
+        // at all: either way the sixth request is the upstream's 429.
         let sim = one_client_sim("shared", 5, "4s").await;
-        let config = format!(
-            "[[upstream]]\nname = \"api\"\nurl = \"http://{}\"\ntimeout = \"5s\"\n\
-             [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\
-             [identity]\ntokens_me = false\n[queue]\nmax_wait = \"200ms\"\n\
-             [state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\n",
-            sim.addr(),
-            redis.url()
-        );
+        let config = if limits {
+            replica_config(sim.addr(), &redis.url(), "timeout = \"500ms\"")
+        } else {
+            format!(
+                "[[upstream]]\nname = \"api\"\nurl = \"http://{}\"\ntimeout = \"5s\"\n\
+                 [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\
+                 [identity]\ntokens_me = false\n[queue]\nmax_wait = \"200ms\"\n\
+                 [state]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\n",
+                sim.addr(),
+                redis.url()
+            )
+        };
         let mut running = Vec::new();
         let mut targets = Vec::new();
         for _ in 0..2 {
@@ -446,17 +410,7 @@ async fn an_upstream_pause_with_no_limit_at_all_is_shared_and_shed_as_a_pause() 
             running.push(r);
         }
         wait_until_shared(&running).await;
-        let send = |i: usize| {
-            let (addr, token) = targets[i].clone();
-            async move {
-                TestClient::http1(addr)
-                    .get(
-                        "/api/v2/users",
-                        &[("authorization", &format!("Bearer {token}"))],
-                    )
-                    .await
-            }
-        };
+        let send = |i: usize| get_users(&targets[i]);
         let mut upstream_429 = None;
         for _ in 0..10 {
             let reply = send(0).await;
@@ -657,19 +611,11 @@ async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
         let sim = one_client_sim("shared", 30, WINDOW).await;
         let (running, targets) = replicas(&sim, &redis.url(), "timeout = \"500ms\"", 2).await;
         wait_until_shared(&running).await;
-        let get = |(addr, token): (SocketAddr, String)| async move {
-            TestClient::http1(addr)
-                .get(
-                    "/api/v2/users",
-                    &[("authorization", &format!("Bearer {token}"))],
-                )
-                .await
-        };
-        assert_eq!(get(targets[0].clone()).await.status, StatusCode::OK);
+        assert_eq!(get_users(&targets[0]).await.status, StatusCode::OK);
         let seen = wait_for_adaptive(&running[1], |c| c["allowed"] == 30).await;
         assert_eq!(seen["client_share"], 0.5, "{seen}");
         // Replica 1's first request is admitted under the learned ceiling.
-        let reply = get(targets[1].clone()).await;
+        let reply = get_users(&targets[1]).await;
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(
             reply.header("ratelimit-policy"),
@@ -695,7 +641,7 @@ async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
         wait_until_shared(&running).await;
         let mut upstream_429 = false;
         for _ in 0..10 {
-            let reply = get(targets[0].clone()).await;
+            let reply = get_users(&targets[0]).await;
             if reply.status == StatusCode::TOO_MANY_REQUESTS {
                 assert_eq!(reply.header("x-pacer-reason"), None, "{reply:?}");
                 upstream_429 = true;

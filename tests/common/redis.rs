@@ -114,6 +114,16 @@ pub fn script_calls(port: u16) -> u64 {
     calls("evalsha") + calls("eval")
 }
 
+/// One `GET /api/v2/users` through a replica, with that replica's token.
+pub async fn get_users((addr, token): &(SocketAddr, String)) -> super::Reply {
+    TestClient::http1(*addr)
+        .get(
+            "/api/v2/users",
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await
+}
+
 /// pacer's `/status`.
 pub async fn status(r: &Running) -> serde_json::Value {
     TestClient::http1(r.admin_addr.unwrap())
