@@ -6,6 +6,7 @@
 //! what pacer keeps upstream from ever seeing. `/sim/stats` reports what arrived.
 
 mod config;
+mod count;
 mod server;
 mod state;
 mod stats;

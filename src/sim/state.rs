@@ -2,7 +2,8 @@
 //!
 //! It plays the upstream's *exact* sliding count: a request is admitted only if every
 //! limit that matches it has room, and only then recorded in all of them, so a 429'd
-//! request counts nowhere.
+//! request counts nowhere. It counts with its own [`Timestamps`], not pacer's limiter
+//! code, so that each checks the other.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -10,8 +11,9 @@ use std::time::Duration;
 use rand::distributions::{Alphanumeric, DistString};
 
 use super::config::{Scope, SimConfig};
+use super::count::Timestamps;
 use super::stats::SimStats;
-use crate::limit::window::{Nanos, SlidingLog};
+use crate::limit::window::Nanos;
 
 /// Waiting out a full concurrency cap: Genesys answers it with a plain 429.
 const CONCURRENCY_WAIT: Nanos = 1_000_000_000;
@@ -32,7 +34,7 @@ pub(crate) struct Core {
     token_requests: u64,
     client_concurrency: u64,
     clients: HashMap<String, ClientState>,
-    org: SlidingLog,
+    org: Timestamps,
     endpoints: Vec<EndpointState>,
     tokens: HashMap<String, Issued>,
     sweep_at: usize,
@@ -42,8 +44,8 @@ pub(crate) struct Core {
 
 #[derive(Debug, Default)]
 struct ClientState {
-    requests: SlidingLog,
-    tokens: SlidingLog,
+    requests: Timestamps,
+    tokens: Timestamps,
     inflight: u64,
 }
 
@@ -59,7 +61,7 @@ struct EndpointState {
 
 #[derive(Debug, Default)]
 struct KeyState {
-    log: SlidingLog,
+    log: Timestamps,
     inflight: u64,
 }
 
@@ -117,7 +119,7 @@ impl Core {
             token_requests: config.token_requests,
             client_concurrency: config.client_concurrency,
             clients: HashMap::new(),
-            org: SlidingLog::new(),
+            org: Timestamps::default(),
             endpoints: config
                 .endpoints
                 .iter()
@@ -146,7 +148,7 @@ impl Core {
         if wait > 0 {
             return Err(Duration::from_nanos(wait));
         }
-        record_exact(&mut state.tokens, now);
+        state.tokens.record(now);
         if self.tokens.len() >= self.sweep_at {
             self.tokens.retain(|_, t| t.expires > now);
             self.sweep_at = (self.tokens.len() * 2).max(TOKEN_SWEEP_MIN);
@@ -219,14 +221,14 @@ impl Core {
         let decision = if wait > 0 {
             Err(Duration::from_nanos(wait))
         } else {
-            record_exact(&mut self.org, now);
-            record_exact(&mut state.requests, now);
+            self.org.record(now);
+            state.requests.record(now);
             state.inflight += 1;
             for &i in &matched {
                 let e = &mut self.endpoints[i];
                 if let Some(key) = e.keys.get_mut(endpoint_key(e.scope, client)) {
                     if e.requests.is_some() {
-                        record_exact(&mut key.log, now);
+                        key.log.record(now);
                     }
                     key.inflight += 1;
                 }
@@ -287,14 +289,14 @@ impl Core {
 
     /// Empties every window and zeroes the counters; tokens and in-flight holds stay.
     pub(crate) fn reset(&mut self) {
-        self.org = SlidingLog::new();
+        self.org = Timestamps::default();
         for c in self.clients.values_mut() {
-            c.requests = SlidingLog::new();
-            c.tokens = SlidingLog::new();
+            c.requests = Timestamps::default();
+            c.tokens = Timestamps::default();
         }
         for e in &mut self.endpoints {
             for k in e.keys.values_mut() {
-                k.log = SlidingLog::new();
+                k.log = Timestamps::default();
             }
         }
         self.stats = SimStats {
@@ -302,16 +304,6 @@ impl Core {
             ..SimStats::default()
         };
     }
-}
-
-/// Records without merging nearby sends into one slot.
-///
-/// `SlidingLog` merges sends closer than `window / RESOLUTION_STEPS` to bound memory, which
-/// makes a slot expire a little late. pacer may accept that; the simulator plays the
-/// upstream's exact count, so it records with a zero merge resolution. Its memory stays
-/// bounded all the same: nothing is recorded past a limit's ceiling.
-fn record_exact(log: &mut SlidingLog, now: Nanos) {
-    log.record(now, 0);
 }
 
 #[cfg(test)]
