@@ -76,7 +76,8 @@ impl Upstream {
             let pem = std::fs::read(path)
                 .map_err(|e| fail(format!("ca_file {}: {e}", path.display())))?;
             let mut added = 0;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            use rustls::pki_types::{pem::PemObject, CertificateDer};
+            for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| fail(format!("ca_file {}: {e}", path.display())))?;
                 roots
                     .add(cert)

@@ -125,10 +125,23 @@ impl ConnSettings {
 
 /// Loads a PEM certificate chain and key into a TLS acceptor offering h2 and http/1.1.
 pub fn tls_acceptor(cert: &Path, key: &Path) -> io::Result<TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut io::BufReader::new(std::fs::File::open(cert)?))
-        .collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut io::BufReader::new(std::fs::File::open(key)?))?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no private key found"))?;
+    use rustls::pki_types::pem::{self, PemObject};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: &Path, e: pem::Error| match e {
+        pem::Error::Io(e) => e,
+        pem::Error::NoItemsFound => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: no PEM item found", what.display()),
+        ),
+        e => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", what.display()),
+        ),
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(cert, e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(key, e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

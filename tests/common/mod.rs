@@ -22,7 +22,7 @@ use pacer::config::Config;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1010,12 +1010,13 @@ impl TestCerts {
 
     /// A TLS acceptor with the server certificate, ALPN h2 and http/1.1.
     pub fn acceptor(&self) -> TlsAcceptor {
-        let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(open(&self.cert_pem)))
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&self.cert_pem)
+            .expect("server cert PEM")
             .collect::<Result<Vec<_>, _>>()
             .expect("server cert PEM");
-        let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(open(&self.key_pem)))
-            .expect("key PEM")
-            .expect("a key");
+        let key = PrivateKeyDer::from_pem_file(&self.key_pem).expect("key PEM");
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -1031,7 +1032,8 @@ impl TestCerts {
     /// A client configuration trusting only the test CA.
     pub fn client_config(&self) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(open(&self.ca_pem))) {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
+        for cert in CertificateDer::pem_file_iter(&self.ca_pem).expect("CA PEM") {
             roots.add(cert.expect("CA PEM")).expect("add CA");
         }
         client_tls(roots)
@@ -1042,10 +1044,6 @@ impl Default for TestCerts {
     fn default() -> Self {
         Self::new()
     }
-}
-
-fn open(p: &Path) -> std::fs::File {
-    std::fs::File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 // ---------------------------------------------------------------------------------------
