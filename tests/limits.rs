@@ -736,19 +736,21 @@ async fn disconnected_waiters_free_their_reservations() {
     within("disconnected waiters", async {
         const N: u64 = 20;
         const WAITERS: usize = 1000;
-        const WINDOW: Duration = Duration::from_millis(2040);
+        // Long enough that 1000 connections are made and dropped within one window even on
+        // a loaded machine: the window's end, not the machine's speed, is what matters.
+        const WINDOW: Duration = Duration::from_millis(6040);
 
         let sim = start_sim(
-            "window = \"2s\"\nclient_requests = 20\norg_requests = 1000\n\n\
+            "window = \"6s\"\nclient_requests = 20\norg_requests = 1000\n\n\
              [[client]]\nid = \"waiter\"\nsecret = \"waiter-secret\"\n",
         )
         .await;
-        // 1000 waiters need 50 windows of 2 s: max_wait must cover that, or most are shed.
+        // 1000 waiters need 50 windows of 6 s: max_wait must cover that, or most are shed.
         let pacer = start_pacer(&sim_pacer_config(
             &sim,
-            "[queue]\nmax_wait = \"300s\"\ncritical_reserve = 0.0\n\n\
+            "[queue]\nmax_wait = \"900s\"\ncritical_reserve = 0.0\n\n\
              [[limit]]\nname = \"per-client\"\nupstream = \"api\"\nscope = \"client\"\n\
-             requests = 20\nper = \"2s\"\nguard = \"40ms\"\n",
+             requests = 20\nper = \"6s\"\nguard = \"40ms\"\n",
         ))
         .await;
         let client = Arc::new(TestClient::http1(pacer.proxy_addr));
@@ -782,7 +784,7 @@ async fn disconnected_waiters_free_their_reservations() {
             conns.push(s);
         }
         let mut depth = 0;
-        while filled.elapsed() < Duration::from_millis(1500) {
+        while filled.elapsed() < WINDOW * 3 / 4 {
             depth = queued(&status(&pacer).await);
             if depth >= WAITERS as u64 {
                 break;
@@ -802,9 +804,10 @@ async fn disconnected_waiters_free_their_reservations() {
                 break;
             }
             assert!(
-                dropped.elapsed() < Duration::from_secs(1),
-                "queue still holds {} a second after every caller left: {s}",
-                queued(&s)
+                filled.elapsed() < WINDOW,
+                "queue still holds {} {:?} after every caller left, at the window's end: {s}",
+                queued(&s),
+                dropped.elapsed()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -828,7 +831,8 @@ async fn disconnected_waiters_free_their_reservations() {
         while let Some(r) = again.join_next().await {
             let (status, took) = r.unwrap();
             assert_eq!(status, StatusCode::OK);
-            assert!(took < Duration::from_millis(500), "a request waited {took:?}");
+            // Admitted at once: a reservation left over would make it wait a whole window.
+            assert!(took < WINDOW / 2, "a request waited {took:?}");
         }
         let s = status(&pacer).await;
         let used: u64 = s["limits"]
