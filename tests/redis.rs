@@ -36,9 +36,18 @@ async fn sim() -> Simulator {
     one_client_sim("shared", QUOTA, WINDOW).await
 }
 
+/// The outage tests' guard: Redis mode counts a send from its admission in Redis, not from
+/// its answer (as the local ledger does), so around the switches between local and
+/// shared decisions a loaded machine's admission-to-arrival delay must fit in the guard.
+const OUTAGE_GUARD: &str = "guard = \"500ms\"";
+
 fn replica_config(sim: SocketAddr, redis: &str, extra: &str) -> String {
+    replica_config_guarded(sim, redis, extra, GUARD)
+}
+
+fn replica_config_guarded(sim: SocketAddr, redis: &str, extra: &str, guard: &str) -> String {
     let state = format!("url = \"{redis}\"\n{extra}");
-    shared_limit_config(sim, QUOTA, WINDOW, GUARD, "200ms", &state)
+    shared_limit_config(sim, QUOTA, WINDOW, guard, "200ms", &state)
 }
 
 /// `count` pacer instances sharing `redis`, each with a token of its own.
@@ -48,10 +57,22 @@ async fn replicas(
     extra: &str,
     count: usize,
 ) -> (Vec<Running>, Vec<(SocketAddr, String)>) {
+    replicas_guarded(sim, redis, extra, count, GUARD).await
+}
+
+/// [`replicas`] with another `guard` line.
+async fn replicas_guarded(
+    sim: &Simulator,
+    redis: &str,
+    extra: &str,
+    count: usize,
+    guard: &str,
+) -> (Vec<Running>, Vec<(SocketAddr, String)>) {
     let mut running = Vec::new();
     let mut targets = Vec::new();
     for _ in 0..count {
-        let r = common::start_pacer(&replica_config(sim.addr(), redis, extra)).await;
+        let config = replica_config_guarded(sim.addr(), redis, extra, guard);
+        let r = common::start_pacer(&config).await;
         targets.push((r.proxy_addr, token(r.proxy_addr).await));
         running.push(r);
     }
@@ -122,8 +143,14 @@ async fn redis_outage_falls_back_to_local_shares_and_recovers() {
     within("outage", async {
         let mut redis = RedisServer::start();
         let sim = sim().await;
-        let (running, targets) =
-            replicas(&sim, &redis.url(), "replicas = 3\ntimeout = \"500ms\"", 3).await;
+        let (running, targets) = replicas_guarded(
+            &sim,
+            &redis.url(),
+            "replicas = 3\ntimeout = \"500ms\"",
+            3,
+            OUTAGE_GUARD,
+        )
+        .await;
         wait_until_shared(&running).await;
         sim.reset();
         let tally = Arc::new(Tally::default());
@@ -334,8 +361,14 @@ async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
         let sim = sim().await;
         // Three replicas are configured, two run: the third, for all they know, is still
         // deciding locally and has sends Redis has not seen.
-        let (running, targets) =
-            replicas(&sim, &redis.url(), "replicas = 3\ntimeout = \"500ms\"", 2).await;
+        let (running, targets) = replicas_guarded(
+            &sim,
+            &redis.url(),
+            "replicas = 3\ntimeout = \"500ms\"",
+            2,
+            OUTAGE_GUARD,
+        )
+        .await;
         wait_until_shared(&running).await;
         sim.reset();
         let tally = Arc::new(Tally::default());
