@@ -102,18 +102,22 @@ pub fn dead_addr() -> SocketAddr {
 /// Taken below the kernel's ephemeral range (32768 and up on Linux), where outgoing
 /// connections get their source ports: a port picked with `bind(":0")` and released could
 /// be taken by any connection before the child binds it; here only another test process
-/// could take it, and each process walks its own stretch of the range.
+/// could take it, and each process walks its own stretch of the range. The port 10000
+/// above it is free too and also below the ephemeral range: a Redis Cluster node listens
+/// there for its cluster bus.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
+    const FIRST: u32 = 12_000;
+    const SPAN: u32 = 10_000;
+    const BUS_OFFSET: u16 = 10_000;
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let start = (std::process::id().wrapping_mul(7919)) % SPAN;
     let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
     for _ in 0..SPAN {
         let offset = NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
         let port = (FIRST + offset) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if free(port) && free(port + BUS_OFFSET) {
             return port;
         }
     }
