@@ -802,3 +802,71 @@ timeout = "500ms"
     })
     .await;
 }
+
+/// Sends made outside pacer with the same OAuth client (an `inin-ratelimit-count` above
+/// the shared count) are padded into the shared key: the other replica, which never had an
+/// answer saying so, forwards only what the upstream has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn use_outside_pacer_is_shared_through_redis() {
+    let _serial = SERIAL.lock().await;
+    within("shared inin-ratelimit-count", async {
+        let redis = RedisServer::start();
+        let sim = one_client_sim("shared", 20, "60s").await;
+        let state = format!("url = \"{}\"\ntimeout = \"500ms\"", redis.url());
+        let config = shared_limit_config(sim.addr(), 20, "60s", GUARD, "0s", &state);
+        let mut running = Vec::new();
+        let mut targets = Vec::new();
+        for _ in 0..2 {
+            let r = common::start_pacer(&config).await;
+            targets.push((r.proxy_addr, token(r.proxy_addr).await));
+            running.push(r);
+        }
+        wait_until_shared(&running).await;
+        // Another system spends 15 of the client's 20 directly.
+        let auth = format!("Bearer {}", targets[0].1);
+        let direct = TestClient::http1(sim.addr());
+        for _ in 0..15 {
+            let reply = direct
+                .get("/api/v2/users", &[("authorization", &auth)])
+                .await;
+            assert_eq!(reply.status, StatusCode::OK);
+        }
+        // Replica 0 hears of it in its first answer (count 16) and pads the shared key in
+        // the background: wait for it to land (pacer's own token requests count there too).
+        assert_eq!(get_users(&targets[0]).await.status, StatusCode::OK);
+        let started = Instant::now();
+        loop {
+            let keys = redis.cli(&["--scan", "--pattern", "*:r:*per-client*"]);
+            let key = keys.lines().next().unwrap_or_default().to_string();
+            let count: u64 = redis.cli(&["zcard", &key]).trim().parse().unwrap_or(0);
+            if count >= 16 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the shared key {key:?} holds {count}, not the upstream's 16"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Replica 1 forwards only what the upstream has left.
+        let mut forwarded = 0;
+        for _ in 0..8 {
+            let reply = get_users(&targets[1]).await;
+            match reply.status {
+                StatusCode::OK => forwarded += 1,
+                StatusCode::TOO_MANY_REQUESTS => assert!(
+                    reply.header("x-pacer-reason").is_some(),
+                    "the upstream answered 429: {reply:?}"
+                ),
+                other => panic!("unexpected {other}: {}", reply.text()),
+            }
+        }
+        let stats = sim.stats();
+        assert_eq!(stats.total.too_many, 0, "{stats:?}");
+        assert_eq!(forwarded, 4, "the upstream had 4 left");
+        for r in running {
+            r.shutdown().await;
+        }
+    })
+    .await;
+}

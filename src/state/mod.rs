@@ -82,7 +82,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Counts a send that already happened outside admission.
     fn record_sent(&self, demand: &Demand);
     /// The upstream says `layer`'s key has `used` requests in its window: count at least
-    /// that many (others use the same OAuth client outside pacer). Local only for now.
+    /// that many (others use the same OAuth client outside pacer).
     fn at_least(&self, _layer: &LayerKey, _used: u64) {}
     /// Shares an upstream's pause with other replicas (the queue keeps its own copy).
     fn pause(&self, _key: &str, _for: Duration) {}

@@ -120,6 +120,22 @@ end
 return 1
 "#;
 
+/// Raises a rate key's count to at least ARGV[1] with stand-in sends at Redis' time: the
+/// upstream counted sends made outside pacer (`inin-ratelimit-count`). KEYS[1]: the rate
+/// key; ARGV: at least (already clamped to the key's ceiling), the window (µs), a member
+/// prefix unique to this call, the key's expiry (ms). Returns how many it added.
+const PAD: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+local missing = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+for i = 1, missing do
+  redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. i)
+end
+if missing > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return math.max(missing, 0)
+"#;
+
 /// Most clients whose adaptive state replicas share; the rest are each replica's own.
 const MAX_SHARED_ADAPTIVE: usize = 10_000;
 
@@ -445,6 +461,7 @@ pub struct RedisBackend {
     conn: RwLock<Option<Conn>>,
     script: redis::Script,
     record_script: redis::Script,
+    pad_script: redis::Script,
     replica: String,
     seq: AtomicU64,
     /// Replicas seen by heartbeat (or configured).
@@ -507,6 +524,7 @@ impl RedisBackend {
             adaptive: Mutex::new((0, Arc::default())),
             script: redis::Script::new(ADMIT),
             record_script: redis::Script::new(RECORD),
+            pad_script: redis::Script::new(PAD),
             replica: format!("{:016x}", rand::random::<u64>()),
             seq: AtomicU64::new(1),
             replicas: AtomicU64::new(replicas),
@@ -796,7 +814,7 @@ impl RedisBackend {
     /// EVALSHA (the crate would otherwise answer NOSCRIPT with a SCRIPT LOAD and a second
     /// EVALSHA). Best effort: a Redis restarted later loses them and the crate reloads.
     async fn load_scripts(&self, conn: &mut Conn, timeout: Duration) {
-        for script in [&self.script, &self.record_script] {
+        for script in [&self.script, &self.record_script, &self.pad_script] {
             if let Ok(Err(e)) = tokio::time::timeout(timeout, script.load_async(conn)).await {
                 tracing::debug!(error = %e, "redis script load");
             }
@@ -1064,6 +1082,57 @@ impl Backend for RedisBackend {
                 self.forget(keys, format!("{}:{}", self.replica, taken.id));
             }
         }
+    }
+
+    /// The upstream counts `used` sends in `layer`'s window: sends made outside pacer (the
+    /// same OAuth client used by another system) are padded into the shared key, so every
+    /// replica sees them. Only when `used` is above the count Redis last reported for the
+    /// key (otherwise pacer's own sends already explain it: no extra round trip), clamped
+    /// to the key's whole quota (the number is the upstream's, so untrusted). While Redis
+    /// is unreachable the local shares are padded instead.
+    fn at_least(&self, layer: &LayerKey, used: u64) {
+        let spec = &self.set.specs[layer.limit];
+        let Some(full) = spec.ceilings.map(|c| c[0]) else {
+            return;
+        };
+        let used = used.min(full);
+        let now = self.clock.now();
+        let known = self
+            .observed
+            .lock()
+            .ok()
+            .and_then(|o| o.seen.get(layer).copied())
+            .filter(|&(_, at)| now.saturating_sub(at) < spec.window)
+            .map_or(0, |(count, _)| count);
+        if used <= known {
+            return;
+        }
+        let Some(mut conn) = self.connection() else {
+            self.local(|set, ledger, now| ledger.pad(set, now, layer, used));
+            return;
+        };
+        if let Ok(mut o) = self.observed.lock() {
+            o.insert(&self.set, layer, used, now);
+        }
+        let key = self.key(layer, false);
+        let span_us = spec.window / 1000;
+        let expiry_ms = spec.window / 1_000_000 + 1000;
+        let member = format!(
+            "{}:pad:{}",
+            self.replica,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let script = self.pad_script.clone();
+        let timeout = self.cfg.timeout.0;
+        tokio::spawn(async move {
+            let mut inv = script.prepare_invoke();
+            inv.key(key)
+                .arg(used)
+                .arg(span_us)
+                .arg(member)
+                .arg(expiry_ms);
+            let _ = tokio::time::timeout(timeout * 5, inv.invoke_async::<i64>(&mut conn)).await;
+        });
     }
 
     fn record_sent(&self, demand: &Demand) {
