@@ -68,11 +68,16 @@ async fn replicas_guarded(
     count: usize,
     guard: &str,
 ) -> (Vec<Running>, Vec<(SocketAddr, String)>) {
+    let config = replica_config_guarded(sim.addr(), redis, extra, guard);
+    start_replicas(&config, count).await
+}
+
+/// `count` pacer instances of `config`, each with a token of its own.
+async fn start_replicas(config: &str, count: usize) -> (Vec<Running>, Vec<(SocketAddr, String)>) {
     let mut running = Vec::new();
     let mut targets = Vec::new();
     for _ in 0..count {
-        let config = replica_config_guarded(sim.addr(), redis, extra, guard);
-        let r = common::start_pacer(&config).await;
+        let r = common::start_pacer(config).await;
         targets.push((r.proxy_addr, token(r.proxy_addr).await));
         running.push(r);
     }
@@ -435,13 +440,7 @@ async fn an_upstream_pause_is_shared_and_shed_as_a_pause(limits: bool) {
                 redis.url()
             )
         };
-        let mut running = Vec::new();
-        let mut targets = Vec::new();
-        for _ in 0..2 {
-            let r = common::start_pacer(&config).await;
-            targets.push((r.proxy_addr, token(r.proxy_addr).await));
-            running.push(r);
-        }
+        let (running, targets) = start_replicas(&config, 2).await;
         wait_until_shared(&running).await;
         let send = |i: usize| get_users(&targets[i]);
         let mut upstream_429 = None;
@@ -814,13 +813,7 @@ async fn use_outside_pacer_is_shared_through_redis() {
         let sim = one_client_sim("shared", 20, "60s").await;
         let state = format!("url = \"{}\"\ntimeout = \"500ms\"", redis.url());
         let config = shared_limit_config(sim.addr(), 20, "60s", GUARD, "0s", &state);
-        let mut running = Vec::new();
-        let mut targets = Vec::new();
-        for _ in 0..2 {
-            let r = common::start_pacer(&config).await;
-            targets.push((r.proxy_addr, token(r.proxy_addr).await));
-            running.push(r);
-        }
+        let (running, targets) = start_replicas(&config, 2).await;
         wait_until_shared(&running).await;
         // Another system spends 15 of the client's 20 directly.
         let auth = format!("Bearer {}", targets[0].1);
