@@ -32,9 +32,9 @@ pub async fn handle(proxy: &Arc<Proxy>, req: Request<ProxyBody>) -> Response<Pro
                 answer::json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
             }
         }
-        "/status" => answer::json_response(StatusCode::OK, &proxy.status()),
+        "/status" => answer::json_response(StatusCode::OK, &crate::status::status(proxy)),
         "/metrics" => {
-            let mut resp = Response::new(answer::full(proxy.render_metrics()));
+            let mut resp = Response::new(answer::full(crate::status::render_metrics(proxy)));
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

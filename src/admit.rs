@@ -1,135 +1,215 @@
-//! The admission stage: classify the endpoint, reserve room in every matching limit
+//! The admission phase: classify the endpoint, reserve room in every matching limit
 //! (now, or after waiting in the queue), or shed with `Retry-After`. Concurrency stays held
 //! until the response body has been sent completely, failed, or been dropped.
+//!
+//! An [`Admitted`] request can only be made here, and forwarding takes nothing else: a
+//! request that skipped identity or admission cannot reach an upstream.
+//!
+//! ```compile_fail,E0308
+//! // Forwarding takes an admitted request; an identified one does not type-check.
+//! async fn skip(forward: &pacer::forward::Forward, req: pacer::identity::Identified) {
+//!     let _ = forward.send(req).await;
+//! }
+//! ```
+//!
+//! ```compile_fail,E0451
+//! // Nor can an `Admitted` be made outside admission: its fields are private.
+//! fn forge(req: http::Request<pacer::answer::ProxyBody>) -> pacer::admit::Admitted {
+//!     pacer::admit::Admitted { req }
+//! }
+//! ```
+//!
+//! ```
+//! // What does compile: forwarding what admission let through.
+//! async fn forward(forward: &pacer::forward::Forward, req: pacer::admit::Admitted) {
+//!     let _ = forward.send(req).await;
+//! }
+//! ```
 
+use crate::adaptive::{Adaptive, Generation};
 use crate::answer::{BoxError, ProxyBody};
-use crate::config::Priority;
 use crate::error::{ErrorKind, ProxyError};
-use crate::identity::Caller;
-use crate::proxy::{call_next, Labels, Next, Proxy, Stage, StageFuture};
-use crate::queue::Permit;
-use crate::route::RouteMatch;
+use crate::identity::{Caller, Identified};
+use crate::limit::LayerKey;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::queue::{Admission, Permit};
+use crate::route::{RouteMatch, Routed};
+use crate::server::ConnInfo;
 use bytes::Bytes;
-use http::{HeaderValue, Request};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-/// The admission stage.
+/// The admission phase.
 pub struct Admit {
-    proxy: Arc<Proxy>,
+    admission: Admission,
+    adaptive: Arc<Adaptive>,
+    metrics: Arc<Metrics>,
+    /// `[queue] max_wait`, unless the route sets its own.
+    max_wait: Duration,
 }
 
-impl Admit {
-    /// The admission stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Admit { proxy }
+/// A request admitted under its limits, ready to be forwarded; only [`Admit::admit`]
+/// makes one.
+pub struct Admitted {
+    req: Request<ProxyBody>,
+    query: Option<String>,
+    conn: ConnInfo,
+    answering: Answering,
+}
+
+impl Admitted {
+    /// The request's route.
+    pub fn route(&self) -> &RouteMatch {
+        &self.answering.route
+    }
+
+    /// The parts the forwarding phase sends, and what stays for the answer.
+    pub(crate) fn into_parts(self) -> (Request<ProxyBody>, Option<String>, ConnInfo, Answering) {
+        (self.req, self.query, self.conn, self.answering)
     }
 }
 
-impl Stage for Admit {
-    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
-        Box::pin(async move {
-            let proxy = &self.proxy;
-            let (Some(m), Some(caller)) = (
-                req.extensions().get::<RouteMatch>().cloned(),
-                req.extensions().get::<Caller>().cloned(),
-            ) else {
-                return call_next(next, req).await;
-            };
-            let priority = req
-                .extensions()
-                .get::<Priority>()
-                .copied()
-                .unwrap_or_default();
-            let labels = req
-                .extensions()
-                .get::<Arc<Labels>>()
-                .cloned()
-                .unwrap_or_default();
-            let upstream = m.route.upstream;
-            let mut demand =
-                proxy
-                    .admission
-                    .demand(upstream, &caller.key, req.method(), &m.path, priority);
-            let (version, shared) = proxy.admission.shared_adaptive();
-            proxy.adaptive.merge(version, &shared);
-            let client_key = (upstream, caller.key.clone());
-            let scale = proxy.adaptive.scale(&client_key);
-            demand.rate_scale = scale.rate;
-            demand.client_scale = scale.client;
-            let _ = labels.endpoint.set(demand.endpoint.label.clone());
-            let mut req = req;
-            req.extensions_mut().insert(Admitted(demand.layers.clone()));
-            let max_wait = m.route.max_wait.unwrap_or(proxy.config.queue.max_wait.0);
-            let reservation = proxy
-                .admission
-                .admit(demand, Some((upstream, caller.key.clone())), max_wait)
-                .await
-                .map_err(|r| {
-                    ProxyError::new(
-                        ErrorKind::Shed {
-                            reason: r.reason,
-                            retry_after: r.retry_after,
-                            policy: r.policy,
-                        },
-                        "shed before the upstream",
-                    )
-                })?;
-            // The limits the request was admitted under (the queue applies the scale in force
-            // at admission), so that its 429 is judged against them.
-            req.extensions_mut()
-                .insert(proxy.adaptive.scale(&client_key).generation);
-            let upstream_label = labels
-                .upstream
-                .get()
-                .cloned()
-                .unwrap_or_else(|| Arc::from("none"));
-            proxy.metrics.queue_wait(
-                &upstream_label,
-                priority.as_str(),
-                reservation.waited().as_secs_f64(),
-            );
-            let rate_headers = reservation.headers();
-            let held = InFlight {
-                proxy: proxy.clone(),
-                upstream: upstream_label,
-                client: caller.label.clone(),
-                permit: reservation.commit(),
-            };
-            proxy.metrics.inflight(&held.upstream, &held.client, 1.0);
-            let result = call_next(next, req).await;
-            held.permit.answered();
-            let resp = result?;
-            let (mut parts, body) = resp.into_parts();
-            if let Some((policy, state)) = rate_headers {
-                if let (Ok(p), Ok(s)) = (
-                    HeaderValue::from_str(&policy),
-                    HeaderValue::from_str(&state),
-                ) {
-                    parts.headers.insert("ratelimit-policy", p);
-                    parts.headers.insert("ratelimit", s);
-                }
+/// What an admitted request keeps while its answer comes back: the facts the learning
+/// phase needs, and the concurrency it holds.
+pub struct Answering {
+    pub route: RouteMatch,
+    pub caller: Caller,
+    /// The limiter keys the request was admitted under.
+    pub layers: Vec<LayerKey>,
+    /// The adaptive cut in force at admission, so that a 429 is judged against it.
+    pub generation: Generation,
+    held: InFlight,
+    /// `RateLimit-Policy` and `RateLimit` of the tightest layer.
+    rate_headers: Option<(String, String)>,
+}
+
+impl Answering {
+    /// The upstream has answered (or failed): the answer gets the `RateLimit` headers and
+    /// holds the request's concurrency until its body ends.
+    pub fn finish(
+        self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.held.permit.answered();
+        let resp = result?;
+        let (mut parts, body) = resp.into_parts();
+        if let Some((policy, state)) = self.rate_headers {
+            if let (Ok(p), Ok(s)) = (
+                HeaderValue::from_str(&policy),
+                HeaderValue::from_str(&state),
+            ) {
+                parts.headers.insert("ratelimit-policy", p);
+                parts.headers.insert("ratelimit", s);
             }
-            let body = HoldBody {
-                inner: body,
-                held: Some(held),
-            }
-            .boxed_unsync();
-            Ok(http::Response::from_parts(parts, body))
+        }
+        let body = HoldBody {
+            inner: body,
+            held: Some(self.held),
+        }
+        .boxed_unsync();
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+impl Admit {
+    /// Admits through `admission`, scaled by `adaptive`'s cuts, waiting at most `max_wait`
+    /// unless the route says otherwise.
+    pub fn new(
+        admission: Admission,
+        adaptive: Arc<Adaptive>,
+        metrics: Arc<Metrics>,
+        max_wait: Duration,
+    ) -> Self {
+        Admit {
+            admission,
+            adaptive,
+            metrics,
+            max_wait,
+        }
+    }
+
+    /// Reserves room for the request in every limit it falls under, waiting in the queue
+    /// when it may; sheds it with `Retry-After` when it may not.
+    pub async fn admit(
+        &self,
+        req: Identified,
+        labels: &mut RequestLabels,
+    ) -> Result<Admitted, ProxyError> {
+        let (routed, caller, priority) = req.into_parts();
+        let Routed {
+            req,
+            target,
+            conn,
+            route,
+        } = routed;
+        let upstream = route.route.upstream;
+        let mut demand =
+            self.admission
+                .demand(upstream, &caller.key, req.method(), &route.path, priority);
+        let (version, shared) = self.admission.shared_adaptive();
+        self.adaptive.merge(version, &shared);
+        let client_key = (upstream, caller.key.clone());
+        let scale = self.adaptive.scale(&client_key);
+        demand.rate_scale = scale.rate;
+        demand.client_scale = scale.client;
+        labels.endpoint = Some(demand.endpoint.label.clone());
+        let layers = demand.layers.clone();
+        let max_wait = route.route.max_wait.unwrap_or(self.max_wait);
+        let reservation = self
+            .admission
+            .admit(demand, Some(client_key.clone()), max_wait)
+            .await
+            .map_err(|r| {
+                ProxyError::new(
+                    ErrorKind::Shed {
+                        reason: r.reason,
+                        retry_after: r.retry_after,
+                        policy: r.policy,
+                    },
+                    "shed before the upstream",
+                )
+            })?;
+        // The limits the request was admitted under (the queue applies the scale in force
+        // at admission), so that its 429 is judged against them.
+        let generation = self.adaptive.scale(&client_key).generation;
+        let upstream_name = route.route.upstream_name.clone();
+        self.metrics.queue_wait(
+            &upstream_name,
+            priority.as_str(),
+            reservation.waited().as_secs_f64(),
+        );
+        let rate_headers = reservation.headers();
+        let held = InFlight {
+            metrics: self.metrics.clone(),
+            upstream: upstream_name,
+            client: caller.label.clone(),
+            permit: reservation.commit(),
+        };
+        self.metrics.inflight(&held.upstream, &held.client, 1.0);
+        Ok(Admitted {
+            req,
+            query: target.query,
+            conn,
+            answering: Answering {
+                route,
+                caller,
+                layers,
+                generation,
+                held,
+                rate_headers,
+            },
         })
     }
 }
 
-/// The limiter keys a request was admitted under, for the learning stage.
-#[derive(Debug, Clone)]
-pub struct Admitted(pub Vec<crate::limit::LayerKey>);
-
 /// A request in flight: its concurrency permit and its `pacer_inflight` count.
 struct InFlight {
-    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
     upstream: Arc<str>,
     client: Arc<str>,
     permit: Permit,
@@ -137,9 +217,7 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.proxy
-            .metrics
-            .inflight(&self.upstream, &self.client, -1.0);
+        self.metrics.inflight(&self.upstream, &self.client, -1.0);
     }
 }
 

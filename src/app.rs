@@ -4,8 +4,8 @@
 use crate::admin;
 use crate::answer::ProxyBody;
 use crate::config::Config;
-use crate::proxy::{ConnInfo, Next, Proxy};
-use crate::server::{self, ConnSettings};
+use crate::proxy::Proxy;
+use crate::server::{self, ConnInfo, ConnSettings};
 use arc_swap::ArcSwap;
 use http::Request;
 use std::net::SocketAddr;
@@ -28,19 +28,14 @@ pub enum StartError {
     Tls(std::io::Error),
 }
 
-/// The configuration in force and the pipeline built from it; swapped whole on reload.
-struct Current {
-    proxy: Arc<Proxy>,
-    pipeline: Next,
-}
-
 /// A running instance.
 pub struct Running {
     /// Where the proxy listens (the real port when configured with port 0).
     pub proxy_addr: SocketAddr,
     /// Where the admin endpoints listen, if enabled.
     pub admin_addr: Option<SocketAddr>,
-    current: Arc<ArcSwap<Current>>,
+    /// The configuration in force and the pipeline built from it; swapped whole on reload.
+    current: Arc<ArcSwap<Proxy>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -48,7 +43,7 @@ pub struct Running {
 impl Running {
     /// The proxy of the configuration in force.
     pub fn proxy(&self) -> Arc<Proxy> {
-        self.current.load().proxy.clone()
+        self.current.load_full()
     }
 
     /// Puts a new, validated configuration in force for new requests; requests in flight
@@ -64,8 +59,7 @@ impl Running {
             tracing::warn!("listener settings changed: they take effect on restart");
         }
         let proxy = Proxy::reload(&old, Arc::new(config))?;
-        let pipeline = proxy.pipeline();
-        self.current.store(Arc::new(Current { proxy, pipeline }));
+        self.current.store(proxy);
         tracing::info!("configuration reloaded");
         Ok(())
     }
@@ -100,19 +94,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         source,
     })?;
     let settings = ConnSettings::from_server(&config.server).map_err(StartError::Tls)?;
-    let current = Arc::new(ArcSwap::from_pointee(Current {
-        pipeline: proxy.pipeline(),
-        proxy: proxy.clone(),
-    }));
+    let current = Arc::new(ArcSwap::new(proxy.clone()));
     let cur = current.clone();
     let handler = move |req: Request<ProxyBody>, conn: ConnInfo| {
-        let now = cur.load();
-        let (p, pipeline) = (now.proxy.clone(), now.pipeline.clone());
-        async move {
-            let mut req = req;
-            req.extensions_mut().insert(conn);
-            p.handle(pipeline, req).await
-        }
+        let p = cur.load_full();
+        async move { p.handle(req, conn).await }
     };
     tasks.push(tokio::spawn(server::serve(
         listener,
@@ -129,7 +115,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 .map_err(|source| StartError::Listen { addr, source })?;
             let cur = current.clone();
             let handler = move |req: Request<ProxyBody>, _: ConnInfo| {
-                let p = cur.load().proxy.clone();
+                let p = cur.load_full();
                 async move { admin::handle(&p, req).await }
             };
             tasks.push(tokio::spawn(server::serve(

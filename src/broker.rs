@@ -10,11 +10,9 @@
 use crate::answer::{collect_limited, full, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
 use crate::feedback::IssuedToken;
-use crate::identity::{is_token_path, Generations, TokenHash};
-use crate::proxy::{call_next, Next, Proxy, Stage, StageFuture};
-use crate::route::RouteMatch;
+use crate::identity::{is_token_path, Generations, Identified, TokenHash};
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,10 +31,6 @@ struct Cached {
 /// The cache key of a token request, put into the request for the learning stage.
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerKey(pub TokenHash);
-
-/// Marks a response answered from the cache (for metrics).
-#[derive(Debug, Clone, Copy)]
-pub struct FromCache;
 
 /// Issued tokens by request key.
 pub struct TokenBroker {
@@ -108,15 +102,68 @@ impl TokenBroker {
     }
 }
 
-/// The broker stage: answers repeated token requests from the cache.
+/// The broker phase: answers repeated token requests from the cache.
 pub struct Broker {
-    proxy: Arc<Proxy>,
+    broker: Option<Arc<TokenBroker>>,
+}
+
+/// A token request on its way upstream: its cache key, and the single-flight lock that
+/// makes identical requests wait for its answer (held until the answer has been learned).
+pub struct Flight {
+    pub key: BrokerKey,
+    _leader: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// What the broker phase made of a request.
+// Moved once per request, never stored: boxing the larger variant would only add an
+// allocation to every request.
+#[allow(clippy::large_enum_variant)]
+pub enum Brokered {
+    /// Answered from the cache: nothing goes upstream.
+    Answered(Response<ProxyBody>),
+    /// Goes on, as the token request of a flight when it is one.
+    Pass(Identified, Option<Flight>),
 }
 
 impl Broker {
-    /// The broker stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Broker { proxy }
+    /// The broker phase; `None` when `[identity] token_cache` is off.
+    pub fn new(broker: Option<Arc<TokenBroker>>) -> Self {
+        Broker { broker }
+    }
+
+    /// Answers a repeated client-credentials token request from the cache, or lets it go
+    /// on as the one request of its key that goes upstream.
+    pub async fn serve(&self, mut req: Identified) -> Result<Brokered, ProxyError> {
+        let is_token =
+            req.routed().req.method() == Method::POST && is_token_path(&req.routed().route.path);
+        let Some(broker) = self.broker.as_ref().filter(|_| is_token) else {
+            return Ok(Brokered::Pass(req, None));
+        };
+        let r = req.request_mut();
+        let body = std::mem::replace(r.body_mut(), full(Bytes::new()));
+        let body = collect_limited(body, MAX_BODY).await.map_err(|_| {
+            ProxyError::new(
+                ErrorKind::PayloadTooLarge,
+                "token request body too large or broken",
+            )
+        })?;
+        let key = TokenBroker::key(r.headers().get(header::AUTHORIZATION), &body);
+        if let Some(hit) = broker.get(&key) {
+            return Ok(Brokered::Answered(cached_response(hit)));
+        }
+        // One request per key goes upstream; the others wait for its answer.
+        let leader = broker.flight(key).lock_owned().await;
+        if let Some(hit) = broker.get(&key) {
+            return Ok(Brokered::Answered(cached_response(hit)));
+        }
+        *r.body_mut() = full(body);
+        Ok(Brokered::Pass(
+            req,
+            Some(Flight {
+                key: BrokerKey(key),
+                _leader: leader,
+            }),
+        ))
     }
 }
 
@@ -129,43 +176,7 @@ fn cached_response(body: Bytes) -> Response<ProxyBody> {
     );
     resp.headers_mut()
         .insert("x-pacer-token-cache", HeaderValue::from_static("hit"));
-    resp.extensions_mut().insert(FromCache);
     resp
-}
-
-impl Stage for Broker {
-    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
-        let is_token = req.method() == Method::POST
-            && req
-                .extensions()
-                .get::<RouteMatch>()
-                .is_some_and(|m| is_token_path(&m.path));
-        let Some(broker) = self.proxy.broker.clone().filter(|_| is_token) else {
-            return call_next(next, req);
-        };
-        Box::pin(async move {
-            let (parts, body) = req.into_parts();
-            let body = collect_limited(body, MAX_BODY).await.map_err(|_| {
-                ProxyError::new(
-                    ErrorKind::PayloadTooLarge,
-                    "token request body too large or broken",
-                )
-            })?;
-            let key = TokenBroker::key(parts.headers.get(header::AUTHORIZATION), &body);
-            if let Some(hit) = broker.get(&key) {
-                return Ok(cached_response(hit));
-            }
-            // One request per key goes upstream; the others wait for its answer.
-            let flight = broker.flight(key);
-            let _leader = flight.lock().await;
-            if let Some(hit) = broker.get(&key) {
-                return Ok(cached_response(hit));
-            }
-            let mut req = Request::from_parts(parts, full(body));
-            req.extensions_mut().insert(BrokerKey(key));
-            call_next(next, req).await
-        })
-    }
 }
 
 #[cfg(test)]

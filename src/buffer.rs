@@ -6,56 +6,56 @@
 
 use crate::answer::{full, BoxError, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::{call_next, Next, Proxy, Stage, StageFuture};
+use crate::route::Allowed;
 use crate::server::{BodyTimeout, ClientBodyError};
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderValue, Method, Request};
+use http::{header, HeaderMap, HeaderValue, Method};
 use http_body::{Body as _, Frame};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
-use std::sync::Arc;
 
-/// Reads request bodies of at most `[server] buffer_body_bytes` whole before the stages
+/// Reads request bodies of at most `[server] buffer_body_bytes` whole before the phases
 /// that spend anything on a request.
 pub struct BufferBody {
-    proxy: Arc<Proxy>,
+    /// 0 streams every body.
+    limit: u64,
 }
 
 impl BufferBody {
-    /// The body-buffering stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        BufferBody { proxy }
+    /// Reads bodies of at most `limit` bytes whole.
+    pub fn new(limit: u64) -> Self {
+        BufferBody { limit }
     }
-}
 
-impl Stage for BufferBody {
-    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
-        let limit = self.proxy.config.server.buffer_body_bytes;
+    /// Reads the request's body whole when it is small enough; a broken body is 400 and a
+    /// stalled one 408.
+    pub async fn read(&self, mut a: Allowed) -> Result<Allowed, ProxyError> {
+        let req = a.request_mut();
         let body = req.body();
         // No body, buffering off, or a declared length above the limit: nothing to wait for.
-        if limit == 0 || body.is_end_stream() || body.size_hint().lower() > limit {
-            return call_next(next, req);
+        if self.limit == 0 || body.is_end_stream() || body.size_hint().lower() > self.limit {
+            return Ok(a);
         }
-        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            let body = match read_up_to(body, limit).await {
-                Ok(Read::Whole(data, None)) => {
-                    // Re-framed by its real length: whatever framing the client used (and
-                    // any conflicting Content-Length next to it) stays on this hop.
-                    set_length(&mut parts.headers, &parts.method, data.len());
-                    full(data)
-                }
-                Ok(Read::Whole(data, Some(trailers))) => {
-                    // Trailers need chunked framing: the body goes on as it came.
-                    replay(vec![Frame::data(data), Frame::trailers(trailers)], None)
-                }
-                Ok(Read::Larger(read, rest)) => {
-                    replay(read.into_iter().map(Frame::data).collect(), Some(rest))
-                }
-                Err(e) => return Err(body_error(e.as_ref())),
-            };
-            call_next(next, Request::from_parts(parts, body)).await
-        })
+        let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        let taken = std::mem::replace(req.body_mut(), full(Bytes::new()));
+        let body = match read_up_to(taken, limit).await {
+            Ok(Read::Whole(data, None)) => {
+                // Re-framed by its real length: whatever framing the client used (and
+                // any conflicting Content-Length next to it) stays on this hop.
+                let method = req.method().clone();
+                set_length(req.headers_mut(), &method, data.len());
+                full(data)
+            }
+            Ok(Read::Whole(data, Some(trailers))) => {
+                // Trailers need chunked framing: the body goes on as it came.
+                replay(vec![Frame::data(data), Frame::trailers(trailers)], None)
+            }
+            Ok(Read::Larger(read, rest)) => {
+                replay(read.into_iter().map(Frame::data).collect(), Some(rest))
+            }
+            Err(e) => return Err(body_error(e.as_ref())),
+        };
+        *req.body_mut() = body;
+        Ok(a)
     }
 }
 

@@ -1,15 +1,15 @@
 //! Learning from upstream answers: a 429 with `Retry-After` pauses that caller's key on
 //! that upstream; a token issued through pacer is remembered (hashed) with its client.
 
-use crate::adaptive::Generation;
-use crate::admit::Admitted;
+use crate::adaptive::{Adaptive, ClientKey};
+use crate::admit::Answering;
 use crate::answer::{collect_limited, full, ProxyBody};
-use crate::broker::BrokerKey;
+use crate::broker::{Flight, TokenBroker};
 use crate::error::{ErrorKind, ProxyError};
-use crate::identity::{is_token_path, Caller};
-use crate::proxy::{call_next, Labels, Next, Proxy, Stage, StageFuture};
-use crate::route::RouteMatch;
-use http::{HeaderMap, Request, Response, StatusCode};
+use crate::identity::{is_token_path, Caller, Identity};
+use crate::metrics::Metrics;
+use crate::queue::Admission;
+use http::{HeaderMap, Response, StatusCode};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -112,128 +112,129 @@ pub fn upstream_allowed(headers: &HeaderMap) -> Option<u64> {
     digits(v).map(|n| n.unwrap_or(MAX_ALLOWED).min(MAX_ALLOWED))
 }
 
-/// The learning stage.
+/// The learning phase: what an upstream answer says about limits and tokens.
 pub struct Learn {
-    proxy: Arc<Proxy>,
+    admission: Admission,
+    adaptive: Arc<Adaptive>,
+    identity: Arc<Identity>,
+    broker: Option<Arc<TokenBroker>>,
+    metrics: Arc<Metrics>,
+    /// Configured `requests` of each limit, by index (before headroom).
+    configured: Arc<[Option<u64>]>,
 }
 
 impl Learn {
-    /// The learning stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Learn { proxy }
-    }
-}
-
-impl Stage for Learn {
-    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
-        Box::pin(async move {
-            let proxy = &self.proxy;
-            let m = req.extensions().get::<RouteMatch>().cloned();
-            let caller = req.extensions().get::<Caller>().cloned();
-            let admitted = req.extensions().get::<Admitted>().cloned();
-            let generation = req
-                .extensions()
-                .get::<Generation>()
-                .copied()
-                .unwrap_or_default();
-            let broker_key = req.extensions().get::<BrokerKey>().copied();
-            let labels = req
-                .extensions()
-                .get::<Arc<Labels>>()
-                .cloned()
-                .unwrap_or_default();
-            let resp = call_next(next, req).await?;
-            let (Some(m), Some(caller)) = (m, caller) else {
-                return Ok(resp);
-            };
-            let status = resp.status();
-            let get = |c: &std::sync::OnceLock<Arc<str>>| {
-                c.get().cloned().unwrap_or_else(|| Arc::from("none"))
-            };
-            proxy.metrics.upstream_response(
-                &get(&labels.upstream),
-                &caller.label,
-                &get(&labels.endpoint),
-                status.as_u16(),
-            );
-            if let (Some(used), Some(admitted)) = (upstream_count(resp.headers()), &admitted) {
-                proxy.admission.upstream_count(&admitted.0, used);
-            }
-            let client_key = (m.route.upstream, caller.key.clone());
-            if let (Some(allowed), Some(admitted)) = (upstream_allowed(resp.headers()), &admitted) {
-                // The reported budget is the caller's own per-client one: it caps only that
-                // layer, relative to its configured (pre-headroom) size.
-                let set = proxy.admission.limits();
-                let configured = set
-                    .per_client(&admitted.0)
-                    .and_then(|i| proxy.config.limits.get(admitted.0[i].limit))
-                    .and_then(|l| l.requests);
-                if let Some(configured) = configured {
-                    if proxy
-                        .adaptive
-                        .learn_allowed(&client_key, allowed, configured)
-                    {
-                        share_adaptive(proxy, &client_key);
-                    }
-                }
-            }
-            if proxy.adaptive.observe(
-                &client_key,
-                status == StatusCode::TOO_MANY_REQUESTS,
-                generation,
-            ) {
-                share_adaptive(proxy, &client_key);
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS {
-                let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
-                tracing::info!(client = %caller.label, ?wait, "upstream asked for a pause");
-                proxy
-                    .admission
-                    .pause((m.route.upstream, caller.key.clone()), wait);
-            }
-            if status.is_success() && is_token_path(&m.path) && caller.known {
-                return learn_token(proxy, &caller, broker_key, resp).await;
-            }
-            Ok(resp)
-        })
-    }
-}
-
-/// Tells the other replicas (in Redis mode) about a client's new cut or learned ceiling.
-fn share_adaptive(proxy: &Proxy, key: &crate::adaptive::ClientKey) {
-    if let Some((field, value)) = proxy.adaptive.export(key) {
-        proxy
-            .admission
-            .share_adaptive(field, value, proxy.adaptive.shared_ttl());
-    }
-}
-
-/// Reads a token response, remembers the token's hash with the client, passes it on.
-async fn learn_token(
-    proxy: &Proxy,
-    caller: &Caller,
-    broker_key: Option<BrokerKey>,
-    resp: Response<ProxyBody>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let (mut parts, body) = resp.into_parts();
-    let bytes = collect_limited(body, MAX_TOKEN_RESPONSE_BYTES)
-        .await
-        .map_err(|e| {
-            ProxyError::new(
-                ErrorKind::UpstreamUnreachable,
-                format!("token response: {e}"),
-            )
-        })?;
-    if let Some(issued) = issued_token(&bytes) {
-        // Without a usable lifetime the token is remembered as long as any may live.
-        let ttl = issued.lifetime.unwrap_or(MAX_TOKEN_LIFETIME);
-        proxy.identity.learn(&issued.access_token, &caller.key, ttl);
-        if let (Some(broker), Some(BrokerKey(key))) = (&proxy.broker, broker_key) {
-            broker.put(key, issued);
+    /// Learns into `admission` (counts, pauses), `adaptive` (cuts, reported budgets),
+    /// `identity` and `broker` (issued tokens); `configured` holds each limit's `requests`.
+    pub fn new(
+        admission: Admission,
+        adaptive: Arc<Adaptive>,
+        identity: Arc<Identity>,
+        broker: Option<Arc<TokenBroker>>,
+        metrics: Arc<Metrics>,
+        configured: Arc<[Option<u64>]>,
+    ) -> Self {
+        Learn {
+            admission,
+            adaptive,
+            identity,
+            broker,
+            metrics,
+            configured,
         }
     }
-    parts.headers.remove(http::header::CONTENT_LENGTH);
-    Ok(Response::from_parts(parts, full(bytes)))
+
+    /// Learns from the upstream's answer to an admitted request and passes it on.
+    pub async fn learn(
+        &self,
+        sent: &Answering,
+        endpoint: &str,
+        flight: Option<&Flight>,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let resp = result?;
+        let (route, caller) = (&sent.route, &sent.caller);
+        let status = resp.status();
+        self.metrics.upstream_response(
+            &route.route.upstream_name,
+            &caller.label,
+            endpoint,
+            status.as_u16(),
+        );
+        if let Some(used) = upstream_count(resp.headers()) {
+            self.admission.upstream_count(&sent.layers, used);
+        }
+        let client_key = (route.route.upstream, caller.key.clone());
+        if let Some(allowed) = upstream_allowed(resp.headers()) {
+            // The reported budget is the caller's own per-client one: it caps only that
+            // layer, relative to its configured (pre-headroom) size.
+            let set = self.admission.limits();
+            let configured = set
+                .per_client(&sent.layers)
+                .and_then(|i| self.configured.get(sent.layers[i].limit).copied().flatten());
+            if let Some(configured) = configured {
+                if self
+                    .adaptive
+                    .learn_allowed(&client_key, allowed, configured)
+                {
+                    self.share_adaptive(&client_key);
+                }
+            }
+        }
+        if self.adaptive.observe(
+            &client_key,
+            status == StatusCode::TOO_MANY_REQUESTS,
+            sent.generation,
+        ) {
+            self.share_adaptive(&client_key);
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = retry_after(resp.headers()).unwrap_or(Duration::from_secs(1));
+            tracing::info!(client = %caller.label, ?wait, "upstream asked for a pause");
+            self.admission
+                .pause((route.route.upstream, caller.key.clone()), wait);
+        }
+        if status.is_success() && is_token_path(&route.path) && caller.known {
+            return self.learn_token(caller, flight, resp).await;
+        }
+        Ok(resp)
+    }
+
+    /// Tells the other replicas (in Redis mode) about a client's new cut or learned ceiling.
+    fn share_adaptive(&self, key: &ClientKey) {
+        if let Some((field, value)) = self.adaptive.export(key) {
+            self.admission
+                .share_adaptive(field, value, self.adaptive.shared_ttl());
+        }
+    }
+
+    /// Reads a token response, remembers the token's hash with the client, passes it on.
+    async fn learn_token(
+        &self,
+        caller: &Caller,
+        flight: Option<&Flight>,
+        resp: Response<ProxyBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = resp.into_parts();
+        let bytes = collect_limited(body, MAX_TOKEN_RESPONSE_BYTES)
+            .await
+            .map_err(|e| {
+                ProxyError::new(
+                    ErrorKind::UpstreamUnreachable,
+                    format!("token response: {e}"),
+                )
+            })?;
+        if let Some(issued) = issued_token(&bytes) {
+            // Without a usable lifetime the token is remembered as long as any may live.
+            let ttl = issued.lifetime.unwrap_or(MAX_TOKEN_LIFETIME);
+            self.identity.learn(&issued.access_token, &caller.key, ttl);
+            if let (Some(broker), Some(flight)) = (&self.broker, flight) {
+                broker.put(flight.key.0, issued);
+            }
+        }
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        Ok(Response::from_parts(parts, full(bytes)))
+    }
 }
 
 #[cfg(test)]

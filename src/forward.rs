@@ -4,10 +4,9 @@
 use crate::answer::{BoxError, ProxyBody};
 use crate::config::{Cidr, UpstreamConfig};
 use crate::error::{ErrorKind, ProxyError};
-use crate::guard::Target;
+use crate::admit::{Admitted, Answering};
 use crate::identity::TokenResolver;
-use crate::proxy::{ConnInfo, Proxy, StageFuture};
-use crate::route::RouteMatch;
+use crate::metrics::Metrics;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri};
@@ -19,9 +18,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tower::Service;
 
 /// An upstream that failed to set up (bad CA file).
 #[derive(Debug, thiserror::Error)]
@@ -304,26 +301,6 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// The address the request really came from: the peer, or for a trusted proxy the
-/// right-most untrusted address of its `X-Forwarded-For`.
-pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
-    if !trusted.iter().any(|c| c.contains(peer)) {
-        return peer;
-    }
-    let chain: Vec<IpAddr> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    chain
-        .into_iter()
-        .rev()
-        .find(|ip| !trusted.iter().any(|c| c.contains(*ip)))
-        .unwrap_or(peer)
-}
-
 /// Prepares request headers for the upstream: hop-by-hop removed first (so `Connection`
 /// cannot name pacer's own fields), then forwarding fields set. A client's own
 /// `X-Forwarded-For`/`Forwarded`/`X-Real-IP` is kept only when the peer is trusted.
@@ -360,57 +337,53 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: IpAddr, tls: bool,
     }
 }
 
-/// The end of the pipeline: the request goes to its upstream.
-#[derive(Clone)]
+/// The forwarding phase: an admitted request goes to its upstream.
 pub struct Forward {
-    proxy: Arc<Proxy>,
+    upstreams: Vec<Arc<Upstream>>,
+    trusted_proxies: Arc<[Cidr]>,
+    metrics: Arc<Metrics>,
 }
 
 impl Forward {
-    /// The forwarding service of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Forward { proxy }
+    /// Forwards to `upstreams` (indexed as in the configuration), believing
+    /// `X-Forwarded-For` from `trusted_proxies` only.
+    pub fn new(
+        upstreams: Vec<Arc<Upstream>>,
+        trusted_proxies: Arc<[Cidr]>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Forward {
+            upstreams,
+            trusted_proxies,
+            metrics,
+        }
     }
-}
 
-impl Service<Request<ProxyBody>> for Forward {
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = StageFuture;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request<ProxyBody>) -> StageFuture {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
-            let (Some(m), Some(target), Some(conn)) = (
-                req.extensions_mut().remove::<RouteMatch>(),
-                req.extensions_mut().remove::<Target>(),
-                req.extensions().get::<ConnInfo>().copied(),
-            ) else {
-                return Err(ProxyError::new(
-                    ErrorKind::NoRoute,
-                    "request reached forward without a route",
-                ));
-            };
-            let upstream = proxy.upstreams.get(m.route.upstream).ok_or_else(|| {
-                ProxyError::new(ErrorKind::NoRoute, "route names a missing upstream")
-            })?;
-            prepare_request_headers(
-                req.headers_mut(),
-                conn.peer.ip(),
-                conn.tls,
-                &proxy.config.server.trusted_proxies,
-            );
-            let started = std::time::Instant::now();
-            let result = upstream.send(req, &m.path, target.query.as_deref()).await;
-            proxy
-                .metrics
-                .upstream_duration(&upstream.name, started.elapsed().as_secs_f64());
-            result
-        })
+    /// Sends an admitted request upstream and waits for the response head; what the
+    /// request keeps while its answer comes back is handed back beside the answer.
+    pub async fn send(
+        &self,
+        admitted: Admitted,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Answering) {
+        let (mut req, query, conn, answering) = admitted.into_parts();
+        let route = &answering.route;
+        // Route indices are resolved against these same upstreams when the pipeline is
+        // built; a miss would be a bug, answered as such rather than sent elsewhere.
+        let Some(upstream) = self.upstreams.get(route.route.upstream) else {
+            let e = ProxyError::new(ErrorKind::NoRoute, "route names a missing upstream");
+            return (Err(e), answering);
+        };
+        prepare_request_headers(
+            req.headers_mut(),
+            conn.peer.ip(),
+            conn.tls,
+            &self.trusted_proxies,
+        );
+        let started = tokio::time::Instant::now();
+        let result = upstream.send(req, &route.path, query.as_deref()).await;
+        self.metrics
+            .upstream_duration(&upstream.name, started.elapsed().as_secs_f64());
+        (result, answering)
     }
 }
 
@@ -499,12 +472,12 @@ mod tests {
             "x-forwarded-for",
             HeaderValue::from_static("1.2.3.4, 10.9.9.9"),
         );
-        let ip = client_ip(&h, "10.1.2.3".parse().unwrap(), &trusted);
+        let ip = crate::server::client_ip(&h, "10.1.2.3".parse().unwrap(), &trusted);
         assert_eq!(ip, "1.2.3.4".parse::<IpAddr>().unwrap());
         prepare_request_headers(&mut h, "10.1.2.3".parse().unwrap(), true, &trusted);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.9.9.9, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
-        let spoofed = client_ip(&h, "8.8.8.8".parse().unwrap(), &trusted);
+        let spoofed = crate::server::client_ip(&h, "8.8.8.8".parse().unwrap(), &trusted);
         assert_eq!(spoofed, "8.8.8.8".parse::<IpAddr>().unwrap());
     }
 }

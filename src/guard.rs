@@ -1,12 +1,13 @@
-//! The first stage: refuse forward-proxy use and oversized requests, normalize the path.
+//! The first phase: refuse forward-proxy use and oversized requests, normalize the path.
 
 use crate::answer::ProxyBody;
 use crate::config::ServerConfig;
 use crate::error::{ErrorKind, ProxyError};
 use crate::path;
-use crate::proxy::{call_next, Next, Proxy, Stage, StageFuture};
+use crate::server::ConnInfo;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Limited};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The normalized request target; inserted by [`Guard`].
@@ -17,20 +18,39 @@ pub struct Target {
     pub query: Option<String>,
 }
 
+/// A request that passed the guard: its target normalized, its body bounded.
+#[derive(Debug)]
+pub struct Guarded {
+    pub req: Request<ProxyBody>,
+    pub target: Target,
+    pub conn: ConnInfo,
+}
+
 /// Refuses forward-proxy use and oversized requests, and normalizes the path.
 pub struct Guard {
-    proxy: Arc<Proxy>,
+    server: Arc<ServerConfig>,
+    /// Set once shutdown has begun: new requests are answered 503.
+    draining: Arc<AtomicBool>,
 }
 
 impl Guard {
-    /// The guard of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Guard { proxy }
+    /// A guard enforcing `server`'s limits while `draining` is false.
+    pub fn new(server: Arc<ServerConfig>, draining: Arc<AtomicBool>) -> Self {
+        Guard { server, draining }
     }
 
-    fn check(&self, req: &Request<ProxyBody>, server: &ServerConfig) -> Result<Target, ProxyError> {
+    /// Checks a request as it arrives from `conn`.
+    pub fn check(&self, req: Request<ProxyBody>, conn: ConnInfo) -> Result<Guarded, ProxyError> {
+        let target = self.target(&req)?;
+        let max = usize::try_from(self.server.max_body_bytes).unwrap_or(usize::MAX);
+        let req = req.map(|body| Limited::new(body, max).boxed_unsync());
+        Ok(Guarded { req, target, conn })
+    }
+
+    fn target(&self, req: &Request<ProxyBody>) -> Result<Target, ProxyError> {
         use ErrorKind::*;
-        if self.proxy.is_draining() {
+        let server = &*self.server;
+        if self.draining.load(Ordering::Relaxed) {
             return Err(ProxyError::new(Draining, "shutting down"));
         }
         if req.method() == Method::CONNECT {
@@ -77,19 +97,5 @@ impl Guard {
             path,
             query: req.uri().query().map(str::to_string),
         })
-    }
-}
-
-impl Stage for Guard {
-    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
-        let server = &self.proxy.config.server;
-        let target = match self.check(&req, server) {
-            Ok(t) => t,
-            Err(e) => return Box::pin(async move { Err(e) }),
-        };
-        let max = usize::try_from(server.max_body_bytes).unwrap_or(usize::MAX);
-        let mut req = req.map(|body| Limited::new(body, max).boxed_unsync());
-        req.extensions_mut().insert(target);
-        call_next(next, req)
     }
 }

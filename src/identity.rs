@@ -6,11 +6,12 @@
 //! not possible the caller is limited under a key derived from the token's hash.
 
 use crate::answer::{collect_limited, full, ProxyBody};
-use crate::config::{ClientConfig, IdentityConfig, IdentitySource, Priority, UnknownClients};
+use crate::config::{
+    Cidr, ClientConfig, IdentityConfig, IdentitySource, Priority, UnknownClients,
+};
 use crate::error::{ErrorKind, ProxyError};
-use crate::forward::client_ip;
-use crate::proxy::{call_next, ConnInfo, Labels, Next, Proxy, Stage, StageFuture};
-use crate::route::RouteMatch;
+use crate::route::{Allowed, Routed};
+use crate::server::client_ip;
 use base64::Engine as _;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{header, HeaderMap};
@@ -465,82 +466,109 @@ pub fn is_token_path(path: &str) -> bool {
     path.ends_with("/oauth/token")
 }
 
-/// The identification stage: puts [`Caller`] and [`Priority`] into the request.
-pub struct Identify {
-    proxy: Arc<Proxy>,
+/// A request whose caller is known: the client its limits count under and its priority.
+/// Only [`Identify::identify`] makes one.
+#[derive(Debug)]
+pub struct Identified {
+    routed: Routed,
+    caller: Caller,
+    priority: Priority,
 }
 
-impl Identify {
-    /// The identification stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Identify { proxy }
+impl Identified {
+    /// The request and its route.
+    pub fn routed(&self) -> &Routed {
+        &self.routed
+    }
+
+    /// The request, to be read or re-framed by later phases.
+    pub fn request_mut(&mut self) -> &mut Request<ProxyBody> {
+        &mut self.routed.req
+    }
+
+    /// Who is calling.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The request's priority class.
+    pub fn priority(&self) -> Priority {
+        self.priority
+    }
+
+    /// The parts, for the admission phase.
+    pub(crate) fn into_parts(self) -> (Routed, Caller, Priority) {
+        (self.routed, self.caller, self.priority)
     }
 }
 
-impl Stage for Identify {
-    fn call(self: Arc<Self>, req: Request<ProxyBody>, next: Next) -> StageFuture {
-        Box::pin(async move {
-            let Some(m) = req.extensions().get::<RouteMatch>().cloned() else {
-                return call_next(next, req).await;
-            };
-            let peer = req
-                .extensions()
-                .get::<ConnInfo>()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.peer.ip());
-            let ip = client_ip(
-                req.headers(),
-                peer,
-                &self.proxy.config.server.trusted_proxies,
-            );
-            let identity = &self.proxy.identity;
-            let (mut req, form_client) = if m.route.identity.is_empty()
-                && req.method() == Method::POST
-                && is_token_path(&m.path)
-            {
-                token_form_client(req).await?
-            } else {
-                (req, None)
-            };
-            let caller = match form_client {
-                Some(id) if basic_user(req.headers()).is_none() => identity.client(&id),
-                _ => {
-                    identity
-                        .identify(&m.route.identity, req.headers(), ip, m.route.upstream)
-                        .await
-                }
-            };
-            if !caller.known && identity.rejects_unknown() {
-                return Err(ProxyError::new(
-                    ErrorKind::Unauthorized,
-                    "caller could not be identified",
-                ));
+/// The identification phase: the caller behind the token or the route's identity source,
+/// and the request's priority.
+pub struct Identify {
+    identity: Arc<Identity>,
+    trusted_proxies: Arc<[Cidr]>,
+}
+
+impl Identify {
+    /// Identifies callers with `identity`, believing `X-Forwarded-For` from
+    /// `trusted_proxies` only.
+    pub fn new(identity: Arc<Identity>, trusted_proxies: Arc<[Cidr]>) -> Self {
+        Identify {
+            identity,
+            trusted_proxies,
+        }
+    }
+
+    /// Identifies the caller of an allowed request; an unknown caller is 401 under
+    /// `unknown_clients = "reject"`.
+    pub async fn identify(&self, allowed: Allowed) -> Result<Identified, ProxyError> {
+        let mut r = allowed.into_routed();
+        let route = &r.route.route;
+        let ip = client_ip(r.req.headers(), r.conn.peer.ip(), &self.trusted_proxies);
+        let identity = &self.identity;
+        let form_client = if route.identity.is_empty()
+            && r.req.method() == Method::POST
+            && is_token_path(&r.route.path)
+        {
+            token_form_client(&mut r.req).await?
+        } else {
+            None
+        };
+        let caller = match form_client {
+            Some(id) if basic_user(r.req.headers()).is_none() => identity.client(&id),
+            _ => {
+                identity
+                    .identify(&route.identity, r.req.headers(), ip, route.upstream)
+                    .await
             }
-            let priority = Identity::priority(m.route.priority, &caller, req.headers());
-            req.headers_mut().remove("x-pacer-priority");
-            if let Some(labels) = req.extensions().get::<Arc<Labels>>() {
-                let _ = labels.client.set(caller.label.clone());
-                let _ = labels.priority.set(priority);
-            }
-            req.extensions_mut().insert(caller);
-            req.extensions_mut().insert(priority);
-            call_next(next, req).await
+        };
+        if !caller.known && identity.rejects_unknown() {
+            return Err(ProxyError::new(
+                ErrorKind::Unauthorized,
+                "caller could not be identified",
+            ));
+        }
+        let priority = Identity::priority(route.priority, &caller, r.req.headers());
+        r.req.headers_mut().remove("x-pacer-priority");
+        Ok(Identified {
+            routed: r,
+            caller,
+            priority,
         })
     }
 }
 
 /// Reads a small form body to find `client_id`, then puts the body back.
-async fn token_form_client(
-    req: Request<ProxyBody>,
-) -> Result<(Request<ProxyBody>, Option<String>), ProxyError> {
+async fn token_form_client(req: &mut Request<ProxyBody>) -> Result<Option<String>, ProxyError> {
     let is_form = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     if !is_form {
-        return Ok((req, None));
+        return Ok(None);
     }
-    let (parts, body) = req.into_parts();
+    let body = std::mem::replace(req.body_mut(), full(bytes::Bytes::new()));
     let bytes = collect_limited(body, MAX_TOKEN_FORM_BYTES)
         .await
         .map_err(|_| {
@@ -553,7 +581,8 @@ async fn token_form_client(
         .find(|(k, _)| k == "client_id")
         .map(|(_, v)| v.into_owned())
         .filter(|v| !v.is_empty() && v.len() <= 128);
-    Ok((Request::from_parts(parts, full(bytes)), client))
+    *req.body_mut() = full(bytes);
+    Ok(client)
 }
 
 #[cfg(test)]

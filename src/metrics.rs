@@ -5,6 +5,7 @@
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 static META: Metadata<'static> = Metadata::new("pacer", Level::INFO, Some(module_path!()));
 
@@ -263,5 +264,30 @@ mod tests {
             text.contains("pacer_queue_depth{upstream=\"a\\\"b\",priority=\"bulk\"} 3"),
             "{text}"
         );
+    }
+}
+
+/// Bounded metric labels of one request, filled in by the phases as they learn them.
+#[derive(Debug, Default)]
+pub struct RequestLabels {
+    pub upstream: Option<Arc<str>>,
+    pub client: Option<Arc<str>>,
+    pub endpoint: Option<Arc<str>>,
+}
+
+impl RequestLabels {
+    /// The upstream's name, or `none` before routing.
+    pub fn upstream(&self) -> &str {
+        self.upstream.as_deref().unwrap_or("none")
+    }
+
+    /// The caller's label, or `unknown` before identification.
+    pub fn client(&self) -> &str {
+        self.client.as_deref().unwrap_or("unknown")
+    }
+
+    /// The endpoint template, or `none` before classification.
+    pub fn endpoint(&self) -> &str {
+        self.endpoint.as_deref().unwrap_or("none")
     }
 }

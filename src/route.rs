@@ -4,9 +4,8 @@
 use crate::answer::ProxyBody;
 use crate::config::{Cidr, IdentitySource, Priority, RouteConfig, Secret};
 use crate::error::{ErrorKind, ProxyError};
-use crate::forward::client_ip;
-use crate::guard::Target;
-use crate::proxy::{call_next, ConnInfo, Labels, Next, Proxy, Stage, StageFuture};
+use crate::guard::{Guarded, Target};
+use crate::server::{client_ip, ConnInfo};
 use http::Request;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,10 @@ use std::time::Duration;
 #[derive(Debug)]
 pub struct Route {
     pub prefix: String,
+    /// Index of the upstream in the configuration, resolved when the table is built.
     pub upstream: usize,
+    /// The upstream's name, its metric label.
+    pub upstream_name: Arc<str>,
     pub strip_prefix: bool,
     pub priority: Option<Priority>,
     pub identity: Vec<IdentitySource>,
@@ -39,29 +41,70 @@ pub struct RouteTable {
     routes: Vec<Arc<Route>>,
 }
 
+/// A route that names an upstream or header pacer does not have; `check-config` refuses
+/// both, so this is only reachable by building a table from unvalidated configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteSetupError {
+    #[error("route {prefix}: no upstream named {upstream:?}")]
+    UnknownUpstream { prefix: String, upstream: String },
+    #[error("route {prefix}: inbound_auth.header {header:?} is not a header name")]
+    BadHeader { prefix: String, header: String },
+}
+
 impl RouteTable {
-    /// Builds the table; `upstream_index` resolves upstream names (validated before).
-    pub fn new(configs: &[RouteConfig], upstream_index: impl Fn(&str) -> usize) -> Self {
-        let mut routes: Vec<Arc<Route>> = configs
-            .iter()
-            .map(|c| {
-                Arc::new(Route {
+    /// Builds the table; `upstream` resolves an upstream name to its index and name.
+    /// Every name and header is resolved here, once: a route that cannot be resolved is an
+    /// error, never a silent fallback to another upstream or to no inbound key.
+    pub fn new(
+        configs: &[RouteConfig],
+        upstream: impl Fn(&str) -> Option<(usize, Arc<str>)>,
+    ) -> Result<Self, RouteSetupError> {
+        let mut routes = Vec::with_capacity(configs.len());
+        for c in configs {
+            let (index, name) =
+                upstream(&c.upstream).ok_or_else(|| RouteSetupError::UnknownUpstream {
                     prefix: c.prefix.clone(),
-                    upstream: upstream_index(&c.upstream),
-                    strip_prefix: c.strip_prefix,
-                    priority: c.priority,
-                    identity: c.identity.clone(),
-                    inbound_auth: c.inbound_auth.as_ref().and_then(|a| {
-                        let name = http::HeaderName::from_bytes(a.header.as_bytes()).ok()?;
-                        Some((name, a.keys.clone()))
-                    }),
-                    allow_cidrs: c.allow_cidrs.clone(),
-                    max_wait: c.max_wait.map(|d| d.0),
-                })
-            })
-            .collect();
+                    upstream: c.upstream.clone(),
+                })?;
+            let inbound_auth = match &c.inbound_auth {
+                None => None,
+                Some(a) => {
+                    let header = http::HeaderName::from_bytes(a.header.as_bytes()).map_err(|_| {
+                        RouteSetupError::BadHeader {
+                            prefix: c.prefix.clone(),
+                            header: a.header.clone(),
+                        }
+                    })?;
+                    Some((header, a.keys.clone()))
+                }
+            };
+            routes.push(Arc::new(Route {
+                prefix: c.prefix.clone(),
+                upstream: index,
+                upstream_name: name,
+                strip_prefix: c.strip_prefix,
+                priority: c.priority,
+                identity: c.identity.clone(),
+                inbound_auth,
+                allow_cidrs: c.allow_cidrs.clone(),
+                max_wait: c.max_wait.map(|d| d.0),
+            }));
+        }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        RouteTable { routes }
+        Ok(RouteTable { routes })
+    }
+
+    /// Picks the route of a guarded request; no route is 404.
+    pub fn route(&self, g: Guarded) -> Result<Routed, ProxyError> {
+        let Some(m) = self.find(&g.target.path) else {
+            return Err(ProxyError::new(ErrorKind::NoRoute, "no route"));
+        };
+        Ok(Routed {
+            req: g.req,
+            target: g.target,
+            conn: g.conn,
+            route: m,
+        })
     }
 
     /// The route for a normalized path, if any.
@@ -96,60 +139,54 @@ fn matches_prefix(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// Picks the route; no route is 404.
-pub struct RouteStage {
-    proxy: Arc<Proxy>,
+/// A request with its route.
+#[derive(Debug)]
+pub struct Routed {
+    pub req: Request<ProxyBody>,
+    pub target: Target,
+    pub conn: ConnInfo,
+    pub route: RouteMatch,
 }
 
-impl RouteStage {
-    /// The routing stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        RouteStage { proxy }
+/// A routed request that passed its route's gates; only [`Access::check`] makes one.
+#[derive(Debug)]
+pub struct Allowed(Routed);
+
+impl Allowed {
+    /// The request and its route.
+    pub fn routed(&self) -> &Routed {
+        &self.0
     }
-}
 
-impl Stage for RouteStage {
-    fn call(self: Arc<Self>, mut req: Request<ProxyBody>, next: Next) -> StageFuture {
-        let found = req
-            .extensions()
-            .get::<Target>()
-            .and_then(|t| self.proxy.routes.find(&t.path));
-        let Some(m) = found else {
-            return Box::pin(async { Err(ProxyError::new(ErrorKind::NoRoute, "no route")) });
-        };
-        if let (Some(labels), Some(u)) = (
-            req.extensions().get::<Arc<Labels>>(),
-            self.proxy.upstreams.get(m.route.upstream),
-        ) {
-            let _ = labels.upstream.set(u.name.clone());
-        }
-        req.extensions_mut().insert(m);
-        call_next(next, req)
+    /// The request, to be read or re-framed by later phases.
+    pub fn request_mut(&mut self) -> &mut Request<ProxyBody> {
+        &mut self.0.req
+    }
+
+    /// The routed request, for the identity phase.
+    pub(crate) fn into_routed(self) -> Routed {
+        self.0
     }
 }
 
 /// Route-level gates: `allow_cidrs` (403) and `inbound_auth` (401). The inbound key is
 /// removed before forwarding: it is pacer's, not the upstream's.
 pub struct Access {
-    proxy: Arc<Proxy>,
+    trusted_proxies: Arc<[Cidr]>,
 }
 
 impl Access {
-    /// The access stage of `proxy`.
-    pub fn new(proxy: Arc<Proxy>) -> Self {
-        Access { proxy }
+    /// Gates that believe `X-Forwarded-For` from `trusted_proxies` only.
+    pub fn new(trusted_proxies: Arc<[Cidr]>) -> Self {
+        Access { trusted_proxies }
     }
 
-    fn check(&self, req: &mut Request<ProxyBody>) -> Result<(), ProxyError> {
-        let Some(m) = req.extensions().get::<RouteMatch>() else {
-            return Ok(());
-        };
-        let route = m.route.clone();
+    /// Lets a request through its route's gates, or refuses it.
+    pub fn check(&self, mut r: Routed) -> Result<Allowed, ProxyError> {
+        let route = &r.route.route;
         if !route.allow_cidrs.is_empty() {
-            let peer = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip());
-            let ip = peer
-                .map(|p| client_ip(req.headers(), p, &self.proxy.config.server.trusted_proxies));
-            if !ip.is_some_and(|ip| route.allow_cidrs.iter().any(|c| c.contains(ip))) {
+            let ip = client_ip(r.req.headers(), r.conn.peer.ip(), &self.trusted_proxies);
+            if !route.allow_cidrs.iter().any(|c| c.contains(ip)) {
                 return Err(ProxyError::new(
                     ErrorKind::Forbidden,
                     "source address not allowed",
@@ -157,12 +194,11 @@ impl Access {
             }
         }
         if let Some((header, keys)) = &route.inbound_auth {
-            let presented = req.headers().get(header).map(|v| v.as_bytes().to_vec());
-            let ok = presented.is_some_and(|p| {
+            let ok = r.req.headers().get(header).is_some_and(|p| {
                 keys.iter()
-                    .any(|k| constant_time_eq(k.expose().as_bytes(), &p))
+                    .any(|k| constant_time_eq(k.expose().as_bytes(), p.as_bytes()))
             });
-            req.headers_mut().remove(header);
+            r.req.headers_mut().remove(header);
             if !ok {
                 return Err(ProxyError::new(
                     ErrorKind::Unauthorized,
@@ -170,7 +206,7 @@ impl Access {
                 ));
             }
         }
-        Ok(())
+        Ok(Allowed(r))
     }
 }
 
@@ -179,15 +215,6 @@ impl Access {
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
-}
-
-impl Stage for Access {
-    fn call(self: Arc<Self>, mut req: Request<ProxyBody>, next: Next) -> StageFuture {
-        match self.check(&mut req) {
-            Ok(()) => call_next(next, req),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -209,12 +236,16 @@ mod tests {
                 route("/ivr/", "api2", true),
                 route("/oauth/", "login", false),
             ],
-            |n| match n {
-                "api" => 0,
-                "api2" => 1,
-                _ => 2,
+            |n| {
+                let i = match n {
+                    "api" => 0,
+                    "api2" => 1,
+                    _ => 2,
+                };
+                Some((i, Arc::from(n)))
             },
-        );
+        )
+        .unwrap();
         let m = t.find("/ivr/api/v2/x").unwrap();
         assert_eq!((m.route.upstream, m.path.as_str()), (1, "/api/v2/x"));
         let m = t.find("/ivr").unwrap();
@@ -223,7 +254,11 @@ mod tests {
         assert_eq!((m.route.upstream, m.path.as_str()), (0, "/ivrx/a"));
         let m = t.find("/oauth/token").unwrap();
         assert_eq!((m.route.upstream, m.path.as_str()), (2, "/oauth/token"));
-        let only = RouteTable::new(&[route("/crm/", "crm", true)], |_| 0);
+        let only = RouteTable::new(&[route("/crm/", "crm", true)], |n| Some((0, Arc::from(n))))
+            .unwrap();
         assert!(only.find("/api/v2/users").is_none());
+        // A name that does not resolve is an error, not the first upstream.
+        let err = RouteTable::new(&[route("/crm/", "crm", true)], |_| None).unwrap_err();
+        assert!(err.to_string().contains("crm"), "{err}");
     }
 }

@@ -2,9 +2,7 @@
 //! explicit limits, and shut down gracefully.
 
 use crate::answer::{BoxError, ProxyBody};
-use crate::config::ServerConfig;
-use crate::error::{ErrorKind, ProxyError};
-use crate::proxy::ConnInfo;
+use crate::config::{Cidr, ServerConfig};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -15,10 +13,12 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -26,6 +26,33 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
+
+/// Where a request came from; handed to the request handler by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// The address the request really came from: the peer, or for a trusted proxy the
+/// right-most untrusted address of its `X-Forwarded-For`.
+pub fn client_ip(headers: &http::HeaderMap, peer: IpAddr, trusted: &[Cidr]) -> IpAddr {
+    if !trusted.iter().any(|c| c.contains(peer)) {
+        return peer;
+    }
+    let chain: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    chain
+        .into_iter()
+        .rev()
+        .find(|ip| !trusted.iter().any(|c| c.contains(*ip)))
+        .unwrap_or(peer)
+}
 
 /// Per-connection protocol settings.
 #[derive(Clone)]
@@ -264,8 +291,55 @@ struct ConnCtx<'a> {
 struct ConnState {
     /// A request head has arrived.
     started: AtomicBool,
-    /// An exchange outlived its deadline: close the connection.
-    overdue: Notify,
+    /// When each exchange still answering on this connection is overdue (its deadline plus
+    /// [`OVERDUE_GRACE`]), with its number: one timer per connection watches the earliest,
+    /// instead of a task per request.
+    overdue_at: Mutex<BTreeSet<(Instant, u64)>>,
+    /// Numbers exchanges.
+    next: AtomicU64,
+    /// An exchange became the earliest to be overdue: the connection re-arms its timer.
+    rearm: Notify,
+}
+
+impl ConnState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<(Instant, u64)>> {
+        self.overdue_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The earliest time an exchange on this connection is overdue.
+    fn earliest(&self) -> Option<Instant> {
+        self.lock().first().map(|(at, _)| *at)
+    }
+
+    /// Watches an exchange until the returned guard is dropped.
+    fn watch(self: &Arc<Self>, at: Instant) -> Overdue {
+        let key = (at, self.next.fetch_add(1, Ordering::Relaxed));
+        let earliest = {
+            let mut set = self.lock();
+            set.insert(key);
+            set.first() == Some(&key)
+        };
+        if earliest {
+            self.rearm.notify_one();
+        }
+        Overdue {
+            state: self.clone(),
+            key,
+        }
+    }
+}
+
+/// An exchange watched for being overdue; it stops being watched when this is dropped
+/// (its answer's body ended or was dropped).
+struct Overdue {
+    state: Arc<ConnState>,
+    key: (Instant, u64),
+}
+
+impl Drop for Overdue {
+    fn drop(&mut self) {
+        self.state.lock().remove(&self.key);
+    }
 }
 
 impl ConnCtx<'_> {
@@ -295,11 +369,27 @@ impl ConnCtx<'_> {
         tokio::pin!(conn);
         let first_request = tokio::time::sleep(self.settings.header_read_timeout);
         let too_old = tokio::time::sleep(self.settings.max_connection_age);
-        tokio::pin!(first_request, too_old);
-        let (mut waiting_first, mut closing) = (true, false);
+        let overdue = tokio::time::sleep(self.settings.header_read_timeout);
+        tokio::pin!(first_request, too_old, overdue);
+        let (mut waiting_first, mut closing, mut watching) = (true, false, false);
         loop {
             tokio::select! {
                 r = conn.as_mut() => return r,
+                _ = state.rearm.notified() => {
+                    if let Some(at) = state.earliest() {
+                        overdue.as_mut().reset(at);
+                        watching = true;
+                    }
+                }
+                _ = &mut overdue, if watching => {
+                    match state.earliest() {
+                        Some(at) if at <= Instant::now() => {
+                            return Err("an exchange outlived request_deadline".into());
+                        }
+                        Some(at) => overdue.as_mut().reset(at),
+                        None => watching = false,
+                    }
+                }
                 _ = &mut first_request, if waiting_first => {
                     if !state.started.load(Ordering::Relaxed) {
                         return Err("no request within header_read_timeout".into());
@@ -313,9 +403,6 @@ impl ConnCtx<'_> {
                 _ = stopped(&mut self.shutdown), if !closing => {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
-                }
-                _ = state.overdue.notified() => {
-                    return Err("an exchange outlived request_deadline".into());
                 }
                 _ = stopped(&mut self.forced) => return Err("closed at the end of shutdown".into()),
             }
@@ -338,35 +425,17 @@ where
     F: Future<Output = Response<ProxyBody>>,
 {
     let deadline = Instant::now() + limits.deadline;
-    let watchdog = Watchdog(tokio::spawn(async move {
-        tokio::time::sleep_until(deadline + OVERDUE_GRACE).await;
-        state.overdue.notify_one();
-    }));
+    let watched = state.watch(deadline + OVERDUE_GRACE);
     let req = req.map(|b| {
         let b = b
             .map_err(|e| -> BoxError { Box::new(ClientBodyError(e)) })
             .boxed_unsync();
         TimedBody::new(b, limits, deadline, None).boxed_unsync()
     });
-    // The pipeline answers a deadline itself (and counts it); this is the backstop.
-    let resp = match tokio::time::timeout_at(deadline + OVERDUE_GRACE, handler(req, info)).await {
-        Ok(resp) => resp,
-        Err(_) => ProxyError::new(
-            ErrorKind::UpstreamTimeout,
-            "no answer within request_deadline",
-        )
-        .into_response(),
-    };
-    resp.map(|b| TimedBody::new(b, limits, deadline, Some(watchdog)).boxed_unsync())
-}
-
-/// Aborts the overdue timer of an exchange when the exchange ends.
-struct Watchdog(tokio::task::JoinHandle<()>);
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    // The handler answers within the deadline itself (the proxy pipeline answers 504 and
+    // counts it); should it not, the connection's overdue timer closes the connection.
+    let resp = handler(req, info).await;
+    resp.map(|b| TimedBody::new(b, limits, deadline, Some(watched)).boxed_unsync())
 }
 
 /// Time limits of request and response bodies.
@@ -403,7 +472,7 @@ pub struct TimedBody {
     idle_armed: bool,
     overdue: Pin<Box<Sleep>>,
     done: bool,
-    _watchdog: Option<Watchdog>,
+    _watched: Option<Overdue>,
 }
 
 impl TimedBody {
@@ -411,7 +480,7 @@ impl TimedBody {
         inner: ProxyBody,
         limits: BodyLimits,
         deadline: Instant,
-        watchdog: Option<Watchdog>,
+        watched: Option<Overdue>,
     ) -> Self {
         TimedBody {
             inner,
@@ -421,7 +490,7 @@ impl TimedBody {
             idle_armed: false,
             overdue: Box::pin(tokio::time::sleep_until(deadline)),
             done: false,
-            _watchdog: watchdog,
+            _watched: watched,
         }
     }
 

@@ -1,0 +1,126 @@
+//! The request path, top to bottom: [`Pipeline::run`].
+//!
+//! Each phase lives in its own module and hands the next one a typed request that says what
+//! is known so far ([`Guarded`] → [`Routed`] → [`Allowed`] → [`Identified`] →
+//! [`Admitted`] → an answer), so a phase cannot run before the facts it needs exist: the
+//! forwarding phase takes only an [`Admitted`] request, which only admission makes, and
+//! admission takes only an [`Identified`] one. Each phase holds only the handles it uses.
+
+use crate::admit::{Admit, Admitted};
+use crate::answer::ProxyBody;
+use crate::broker::{Broker, Brokered};
+use crate::buffer::BufferBody;
+use crate::error::{ErrorKind, ProxyError};
+use crate::feedback::Learn;
+use crate::forward::Forward;
+use crate::guard::{Guard, Guarded};
+use crate::identity::{Identified, Identify};
+use crate::metrics::{Metrics, Outcome, RequestLabels};
+use crate::route::{Access, Allowed, RouteTable, Routed};
+use crate::server::ConnInfo;
+use http::{Request, Response};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The phases of the request path, built once per configuration.
+pub struct Pipeline {
+    pub(crate) guard: Guard,
+    pub(crate) routes: RouteTable,
+    pub(crate) access: Access,
+    pub(crate) buffer: BufferBody,
+    pub(crate) identify: Identify,
+    pub(crate) broker: Broker,
+    pub(crate) admit: Admit,
+    pub(crate) forward: Forward,
+    pub(crate) learn: Learn,
+    pub(crate) metrics: Arc<Metrics>,
+    /// `[server] request_deadline`: the whole exchange ends within it.
+    pub(crate) deadline: Duration,
+}
+
+impl Pipeline {
+    /// Runs one request through the pipeline within the request deadline, turns errors into
+    /// pacer's own answers and records what became of it.
+    pub async fn handle(&self, req: Request<ProxyBody>, conn: ConnInfo) -> Response<ProxyBody> {
+        let mut labels = RequestLabels::default();
+        let method = req.method().clone();
+        let result = match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels))
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::new(
+                ErrorKind::UpstreamTimeout,
+                "no answer within request_deadline",
+            )),
+        };
+        let outcome = match &result {
+            Ok((_, outcome)) => *outcome,
+            Err(e) if e.is_shed() => Outcome::Shed,
+            Err(e) if e.is_upstream() => Outcome::Error,
+            Err(_) => Outcome::Rejected,
+        };
+        self.metrics.request(
+            labels.upstream(),
+            labels.client(),
+            labels.endpoint(),
+            outcome,
+        );
+        match result {
+            Ok((resp, _)) => resp,
+            Err(e) => {
+                if let ErrorKind::Shed { reason, .. } = e.kind() {
+                    self.metrics
+                        .shed(labels.upstream(), labels.client(), reason.as_str());
+                }
+                tracing::debug!(
+                    %method,
+                    upstream = labels.upstream(),
+                    client = labels.client(),
+                    endpoint = labels.endpoint(),
+                    error = %e,
+                    "answered by pacer"
+                );
+                e.into_response()
+            }
+        }
+    }
+
+    /// The whole request path, one phase after the other.
+    async fn run(
+        &self,
+        req: Request<ProxyBody>,
+        conn: ConnInfo,
+        labels: &mut RequestLabels,
+    ) -> Result<(Response<ProxyBody>, Outcome), ProxyError> {
+        // Refuse what a reverse proxy must never pass; enforce size limits; normalize the path.
+        let req: Guarded = self.guard.check(req, conn)?;
+        // Pick the upstream by the longest configured prefix; nothing else is reachable.
+        let req: Routed = self.routes.route(req)?;
+        labels.upstream = Some(req.route.route.upstream_name.clone());
+        // Route-level gates: source address ranges and inbound keys.
+        let req: Allowed = self.access.check(req)?;
+        // Read small bodies whole: a broken or unfinished one is answered here, before it
+        // can cost a token look-up, quota or an upstream connection.
+        let req: Allowed = self.buffer.read(req).await?;
+        // Who is calling: the OAuth client behind the token, or the route's identity source.
+        let req: Identified = self.identify.identify(req).await?;
+        labels.client = Some(req.caller().label.clone());
+        // Token broker: a repeated client-credentials token request gets the issued token.
+        let (req, flight) = match self.broker.serve(req).await? {
+            Brokered::Answered(resp) => return Ok((resp, Outcome::Cached)),
+            Brokered::Pass(req, flight) => (req, flight),
+        };
+        // Classify the endpoint, then reserve room in every matching limit: now, after a
+        // wait in the queue, or shed with Retry-After.
+        let req: Admitted = self.admit.admit(req, labels).await?;
+        // Send upstream; the answer streams back.
+        let (answer, sent) = self.forward.send(req).await;
+        // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
+        let answer = self
+            .learn
+            .learn(&sent, labels.endpoint(), flight.as_ref(), answer)
+            .await;
+        // The answer carries the RateLimit headers and holds concurrency until it ends.
+        Ok((sent.finish(answer)?, Outcome::Forwarded))
+    }
+}

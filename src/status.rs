@@ -1,0 +1,266 @@
+//! What `/status` and `/metrics` show: the instance's recorded metrics and its limiter
+//! state read now, with every label bounded.
+
+use crate::config::Priority;
+use crate::limit::KeyPart;
+use crate::metrics::Gauge;
+use crate::proxy::Proxy;
+use std::collections::BTreeMap;
+
+/// A JSON snapshot for `/status`: limit use, queue depths, pauses.
+pub fn status(proxy: &Proxy) -> serde_json::Value {
+    // Show the cuts and ceilings other replicas shared, as the next admission will.
+    let (version, shared) = proxy.admission.shared_adaptive();
+    proxy.adaptive.merge(version, &shared);
+    let set = proxy.admission.limits();
+    let usage: Vec<_> = proxy
+        .admission
+        .usage()
+        .into_iter()
+        .map(|(layer, used, inflight)| {
+            let spec = &set.specs[layer.limit];
+            serde_json::json!({
+                "limit": &*spec.name,
+                "key": layer.part.label(),
+                "used": used,
+                "quota": spec.requests,
+                "inflight": inflight,
+                "concurrency": spec.concurrency.map(|c| c[0]),
+            })
+        })
+        .collect();
+    let pauses: Vec<_> = proxy
+        .admission
+        .pauses()
+        .into_iter()
+        .map(|((u, caller), left)| {
+            serde_json::json!({
+                "upstream": proxy.upstreams.get(u).map(|u| u.name.to_string()),
+                "client": &*caller,
+                "seconds": left.as_secs_f64(),
+            })
+        })
+        .collect();
+    let depth = proxy.admission.depth();
+    serde_json::json!({
+        "draining": proxy.is_draining(),
+        "upstreams": proxy.upstreams.iter().map(|u| u.name.to_string()).collect::<Vec<_>>(),
+        "queue": {"critical": depth[0], "normal": depth[1], "bulk": depth[2]},
+        "limits": usage,
+        "pauses": pauses,
+        "limiter_keys": proxy.admission.keys(),
+        "critical_reserve": reserve_status(proxy),
+        "adaptive_cuts": proxy
+            .adaptive
+            .reports()
+            .into_iter()
+            .map(|r| serde_json::json!({
+                "upstream": proxy.upstreams.get(r.key.0).map(|u| u.name.to_string()),
+                "client": &*r.key.1,
+                "factor": r.factor,
+                "cuts": r.cuts,
+                "seconds": r.hold_left.as_secs_f64(),
+                "allowed": r.allowed,
+                "client_share": r.client_share,
+            }))
+            .collect::<Vec<_>>(),
+        "state": proxy.admission.backend_status(),
+        "remembered_tokens": proxy.identity.remembered_tokens(),
+    })
+}
+
+/// Which keys keep the critical reserve, and why (see [`crate::reserve`]).
+fn reserve_status(proxy: &Proxy) -> serde_json::Value {
+    let c = &proxy.config;
+    let clients: Vec<&str> = c
+        .clients
+        .iter()
+        .filter(|cl| cl.priority == Priority::Critical)
+        .map(|cl| cl.name.as_deref().unwrap_or(&cl.id))
+        .collect();
+    let routes: Vec<&str> = c
+        .routes
+        .iter()
+        .filter(|r| r.priority == Some(Priority::Critical))
+        .map(|r| r.prefix.as_str())
+        .collect();
+    let (count, learned) = proxy.admission.learned_reserve(100);
+    serde_json::json!({
+        "share": c.queue.critical_reserve,
+        "critical_clients": clients,
+        "critical_routes": routes,
+        "shared_keys_always": !clients.is_empty(),
+        "learned_count": count,
+        "learned": learned,
+    })
+}
+
+/// A limiter key as a bounded label, naming clients as `pacer_requests_total` does.
+fn key_label(proxy: &Proxy, part: &KeyPart) -> String {
+    let client = |id: &str| -> String { proxy.identity.label_of(id).to_string() };
+    match part {
+        KeyPart::Global => "global".into(),
+        KeyPart::Client(c) => client(c),
+        KeyPart::Endpoint(e) => e.to_string(),
+        KeyPart::ClientEndpoint(c, e) => format!("{} {e}", client(c)),
+    }
+}
+
+/// Prometheus text: recorded metrics plus gauges read from the limiter now.
+pub fn render_metrics(proxy: &Proxy) -> String {
+    let set = proxy.admission.limits();
+    // Keys of unidentified callers are folded into one `unknown` sample (their maximum),
+    // so the label set stays bounded.
+    let mut utilization: BTreeMap<(String, String), f64> = Default::default();
+    for (layer, used, inflight) in proxy.admission.usage() {
+        let spec = &set.specs[layer.limit];
+        let mut ratio: f64 = 0.0;
+        if let Some(q) = spec.requests {
+            ratio = ratio.max(used as f64 / q.max(1) as f64);
+        }
+        if let Some(c) = spec.concurrency {
+            ratio = ratio.max(inflight as f64 / c[0].max(1) as f64);
+        }
+        let key = key_label(proxy, &layer.part);
+        let e = utilization
+            .entry((spec.name.to_string(), key))
+            .or_insert(0.0);
+        *e = e.max(ratio);
+    }
+    // Pauses of callers that share a label are one sample (the longest).
+    let mut paused: BTreeMap<(String, String), f64> = Default::default();
+    for ((u, caller), left) in proxy.admission.pauses() {
+        let upstream = proxy
+            .upstreams
+            .get(u)
+            .map_or_else(String::new, |u| u.name.to_string());
+        let client = key_label(proxy, &KeyPart::Client(caller));
+        let e = paused.entry((upstream, client)).or_insert(0.0);
+        *e = e.max(left.as_secs_f64());
+    }
+    let depth = proxy.admission.depth_by_upstream();
+    let gauges = [
+        Gauge {
+            name: "pacer_limit_utilization_ratio",
+            help: "Share of a limit's quota (or concurrency) in use now, per key.",
+            samples: utilization
+                .into_iter()
+                .map(|((limit, key), v)| (vec![("limit", limit), ("key", key)], v))
+                .collect(),
+        },
+        Gauge {
+            name: "pacer_queue_depth",
+            help: "Requests waiting for admission.",
+            samples: proxy
+                .upstreams
+                .iter()
+                .enumerate()
+                .flat_map(|(i, u)| {
+                    let d = depth.get(&i).copied().unwrap_or_default();
+                    Priority::ALL.into_iter().map(move |p| {
+                        (
+                            vec![
+                                ("upstream", u.name.to_string()),
+                                ("priority", p.as_str().to_string()),
+                            ],
+                            d[p.index()] as f64,
+                        )
+                    })
+                })
+                .collect(),
+        },
+        Gauge {
+            name: "pacer_adaptive_rate_factor",
+            help:
+                "Share of its per-client rate ceiling a client may use after upstream 429s and reported budgets (1 = no cut).",
+            samples: {
+                // Keys folded into one label (`unknown`) show the deepest cut.
+                let mut factors: BTreeMap<(String, String), f64> =
+                    Default::default();
+                for r in proxy.adaptive.reports() {
+                    let upstream = proxy
+                        .upstreams
+                        .get(r.key.0)
+                        .map_or_else(String::new, |u| u.name.to_string());
+                    let client = key_label(proxy, &KeyPart::Client(r.key.1));
+                    let e = factors.entry((upstream, client)).or_insert(1.0);
+                    *e = e.min(r.client_share);
+                }
+                factors
+                    .into_iter()
+                    .map(|((upstream, client), v)| {
+                        (vec![("upstream", upstream), ("client", client)], v)
+                    })
+                    .collect()
+            },
+        },
+        Gauge {
+            name: "pacer_state_backend_up",
+            help: "1 while the counter store is reachable (always 1 for local state).",
+            samples: vec![(
+                vec![("backend", proxy.admission.backend_status().kind.to_string())],
+                if proxy.admission.backend_status().up {
+                    1.0
+                } else {
+                    0.0
+                },
+            )],
+        },
+        Gauge {
+            name: "pacer_upstream_paused_seconds",
+            help: "Seconds left of a pause the upstream asked for (429 + Retry-After).",
+            samples: paused
+                .into_iter()
+                .map(|((upstream, client), v)| {
+                    (vec![("upstream", upstream), ("client", client)], v)
+                })
+                .collect(),
+        },
+    ];
+    proxy.metrics.render(&gauges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn paused_seconds_labels_stay_bounded_for_any_number_of_callers() {
+        let text = format!(
+            "{}\n[[client]]\nid = \"ivr-id\"\nname = \"ivr\"\npriority = \"critical\"\n",
+            crate::config::MINIMAL
+        );
+        let proxy = Proxy::new(Arc::new(Config::parse(&text).expect("config"))).expect("proxy");
+        proxy.identity.client("oauth-client");
+        let pause = |key: &str| {
+            proxy
+                .admission
+                .pause((0, Arc::from(key)), Duration::from_secs(60))
+        };
+        // Header identities (raw values from the network) and hashed unknown tokens.
+        for i in 0..50_000 {
+            pause(&format!("header-value-{i}"));
+            pause(&format!("token:{i:016x}"));
+        }
+        pause("ivr-id");
+        pause("oauth-client");
+        let text = render_metrics(&proxy);
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("pacer_upstream_paused_seconds{"))
+            .collect();
+        let clients: std::collections::BTreeSet<&str> = samples
+            .iter()
+            .filter_map(|l| l.split("client=\"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(
+            clients.into_iter().collect::<Vec<_>>(),
+            ["ivr", "oauth-client", "other", "unknown"],
+            "{samples:?}"
+        );
+        assert_eq!(samples.len(), 4, "one sample per label set: {samples:?}");
+    }
+}
