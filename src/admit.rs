@@ -51,6 +51,8 @@ pub struct Admit {
     metrics: Arc<Metrics>,
     /// `[queue] max_wait`, unless the route sets its own.
     max_wait: Duration,
+    /// Other replicas share cuts (Redis state): merge theirs before each admission.
+    shared: bool,
 }
 
 /// A request admitted under its limits, ready to be forwarded; only [`Admit::admit`]
@@ -124,12 +126,14 @@ impl Admit {
         adaptive: Arc<Adaptive>,
         metrics: Arc<Metrics>,
         max_wait: Duration,
+        shared: bool,
     ) -> Self {
         Admit {
             admission,
             adaptive,
             metrics,
             max_wait,
+            shared,
         }
     }
 
@@ -151,8 +155,10 @@ impl Admit {
         let mut demand =
             self.admission
                 .demand(upstream, &caller.key, req.method(), &route.path, priority);
-        let (version, shared) = self.admission.shared_adaptive();
-        self.adaptive.merge(version, &shared);
+        if self.shared {
+            let (version, shared) = self.admission.shared_adaptive();
+            self.adaptive.merge(version, &shared);
+        }
         let client_key = (upstream, caller.key.clone());
         let scale = self.adaptive.scale(&client_key);
         demand.rate_scale = scale.rate;

@@ -1,8 +1,8 @@
 //! pacer: a rate-limiting reverse proxy for the Genesys Cloud Platform API.
 //!
-//! The request path is assembled in one place, [`proxy::Proxy::pipeline`]:
+//! The request path reads top to bottom in one function, [`pipeline::Pipeline`]'s `run`:
 //! guard → route → access → buffer → identify → broker → admit (classify, quotas, queue) →
-//! learn → forward.
+//! forward → learn, each phase handing the next a typed request.
 
 pub mod adaptive;
 pub mod admin;

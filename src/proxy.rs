@@ -196,6 +196,7 @@ impl Proxy {
                 p.adaptive.clone(),
                 p.metrics.clone(),
                 config.queue.max_wait.0,
+                config.state.backend == StateBackend::Redis,
             ),
             forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone()),
             learn: Learn::new(
