@@ -1,9 +1,9 @@
 //! The `pacer` binary: `check-config`, refusing bad configuration at start, and reloading
 //! on SIGHUP (a bad file keeps the configuration in force).
 
-use crate::support::{serial, serial_blocking, within, TestClient, TestUpstream};
+use crate::support::{serial, serial_blocking, wait_listening, within, TestClient, TestUpstream};
 use http::StatusCode;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,14 +127,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
             .stderr(log)
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "pacer did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(addr, "pacer").await;
         let hup = |pid: u32| {
             let ok = Command::new("kill")
                 .args(["-HUP", &pid.to_string()])

@@ -4,7 +4,7 @@
 use crate::support::redis::{
     get_users, greedy, one_client_sim, shared_limit_config, status, wait_all_up, RedisServer, Tally,
 };
-use crate::support::{empty, serial, token_via, within, TestClient};
+use crate::support::{empty, serial, token_via, wait_listening, within, TestClient};
 use http::{Method, StatusCode};
 use pacer::app::Running;
 use pacer::sim::Simulator;
@@ -291,14 +291,7 @@ lease_ttl = "2s"
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "pacer did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(addr, "pacer").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Two slow requests take both permits.
         let mut slow = Vec::new();

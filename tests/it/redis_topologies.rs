@@ -6,9 +6,9 @@
 //! them the tests print a notice and pass, unless `CI` is set, where they fail.
 
 use crate::support::redis::{
-    greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, Tally,
+    cli, greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, Tally,
 };
-use crate::support::{serial, token_via, TestClient};
+use crate::support::{free_port, serial, token_via, TestClient};
 use http::StatusCode;
 use pacer::app::Running;
 use pacer::sim::Simulator;
@@ -67,10 +67,6 @@ fn tools_present(test: &str) -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    crate::support::free_port()
-}
-
 fn wait_for_port(port: u16, what: &str) {
     let started = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -80,17 +76,6 @@ fn wait_for_port(port: u16, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `redis-cli -p PORT args...`, its standard output.
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// A Redis process of the test's own; killed on drop.

@@ -46,3 +46,16 @@ pub fn reserved_addr() -> (SocketAddr, tokio::net::TcpSocket) {
         .expect("bind");
     (socket.local_addr().expect("local addr"), socket)
 }
+
+/// Waits until something accepts connections on `addr` (a child process has started
+/// listening); fails after a generous 10 s.
+pub async fn wait_listening(addr: SocketAddr, what: &str) {
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{what} did not start listening on {addr}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
