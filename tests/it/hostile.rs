@@ -7,10 +7,8 @@
 //! the ledger lock once did), this test's runtime still runs its timeouts and fails
 //! instead of hanging with it.
 
-mod common;
-
+use crate::support::{empty, full, serial, within, Reply, TestClient, TestUpstream};
 use base64::Engine as _;
-use common::{empty, full, within, Reply, TestClient, TestUpstream};
 use http::{Method, StatusCode};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -49,7 +47,7 @@ impl Isolated {
                 .build()
                 .expect("pacer runtime");
             rt.block_on(async move {
-                let running = common::start_pacer(&toml).await;
+                let running = crate::support::start_pacer(&toml).await;
                 let admin = running.admin_addr.expect("admin listener");
                 let _ = addrs_tx.send((running.proxy_addr, admin));
                 let _ = stopped.await;
@@ -136,6 +134,7 @@ async fn another_client_is_served(client: &TestClient, after: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_rate_headers_wedge_no_one() {
+    let _serial = serial().await;
     within("hostile rate headers", async {
         let upstream = TestUpstream::start().await;
         let pacer = Isolated::start(config(&upstream, ""));
@@ -249,6 +248,7 @@ async fn token(client: &TestClient, id: &str, body: &str) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_token_lifetimes_leave_the_answer_unchanged() {
+    let _serial = serial().await;
     within("hostile expires_in", async {
         let upstream = TestUpstream::start().await;
         let pacer = Isolated::start(config(&upstream, "token_cache = true"));

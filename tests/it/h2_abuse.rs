@@ -6,10 +6,8 @@
 //! normal request on a fresh connection still being served. The `h2` crate drives what a
 //! client may legally send; what it refuses to send is written as raw frames.
 
-mod common;
-
+use crate::support::*;
 use bytes::Bytes;
-use common::*;
 use http::{Method, Request, StatusCode};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -150,6 +148,7 @@ async fn rapid_reset(
 
 #[tokio::test]
 async fn rapid_reset_is_bounded_and_others_are_served() {
+    let _serial = serial().await;
     within("rapid reset", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_for(&up).await;
@@ -573,6 +572,7 @@ async fn cr_lf_and_nul_in_field_values_are_rejected() {
 
 #[tokio::test]
 async fn continuation_flood_errors_out_in_bounded_memory() {
+    let _serial = serial().await;
     // Far above any header limit: 4096 CONTINUATION frames of 16 KiB (64 MiB of header block).
     const FRAMES: usize = 4096;
     within("CONTINUATION flood", async {

@@ -1,12 +1,10 @@
 //! Shared quotas across replicas: three pacer instances share one Redis (started by the
 //! test on a free loopback port, so it can also kill it) in front of the simulator.
 
-mod common;
-
-use common::redis::{
+use crate::support::redis::{
     get_users, greedy, one_client_sim, shared_limit_config, status, wait_all_up, RedisServer, Tally,
 };
-use common::{empty, token_via, within, TestClient};
+use crate::support::{empty, serial, token_via, wait_listening, within, TestClient};
 use http::{Method, StatusCode};
 use pacer::app::Running;
 use pacer::sim::Simulator;
@@ -20,10 +18,6 @@ use std::time::{Duration, Instant};
 async fn token(addr: SocketAddr) -> String {
     token_via(&TestClient::http1(addr), "shared", "s3cret").await
 }
-
-/// The tests here each run three pacers, a simulator and a Redis: one at a time, so
-/// that their timing is not at the mercy of each other on a small machine.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const QUOTA: u64 = 60;
 const WINDOW: &str = "2s";
@@ -77,7 +71,7 @@ async fn start_replicas(config: &str, count: usize) -> (Vec<Running>, Vec<(Socke
     let mut running = Vec::new();
     let mut targets = Vec::new();
     for _ in 0..count {
-        let r = common::start_pacer(config).await;
+        let r = crate::support::start_pacer(config).await;
         targets.push((r.proxy_addr, token(r.proxy_addr).await));
         running.push(r);
     }
@@ -90,7 +84,7 @@ async fn wait_until_shared(replicas: &[Running]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_quota() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("shared quota", async {
         let redis = RedisServer::start();
         let sim = sim().await;
@@ -144,7 +138,7 @@ async fn three_replicas_share_one_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_falls_back_to_local_shares_and_recovers() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("outage", async {
         let mut redis = RedisServer::start();
         let sim = sim().await;
@@ -250,10 +244,10 @@ async fn redis_outage_falls_back_to_local_shares_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replicas_permits_come_back_within_the_lease() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("leases", async {
         let redis = RedisServer::start();
-        let upstream = common::TestUpstream::start().await;
+        let upstream = crate::support::TestUpstream::start().await;
         let config = |listen: &str| {
             format!(
                 r#"
@@ -286,8 +280,8 @@ lease_ttl = "2s"
             )
         };
         // The replica that crashes is a real process, killed with SIGKILL.
-        let port = common::free_port();
-        let dir = common::unique_temp_dir("lease");
+        let port = crate::support::free_port();
+        let dir = crate::support::unique_temp_dir("lease");
         let path = dir.join("pacer.toml");
         std::fs::write(&path, config(&format!("127.0.0.1:{port}"))).unwrap();
         let mut doomed = Command::new(env!("CARGO_BIN_EXE_pacer"))
@@ -297,14 +291,7 @@ lease_ttl = "2s"
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "pacer did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(addr, "pacer").await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         // Two slow requests take both permits.
         let mut slow = Vec::new();
@@ -360,7 +347,7 @@ lease_ttl = "2s"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("missing peer", async {
         let mut redis = RedisServer::start();
         let sim = sim().await;
@@ -422,7 +409,7 @@ async fn an_upstream_pause_with_no_limit_at_all_is_shared_and_shed_as_a_pause() 
 /// shed at once, as a pause that names no limit of pacer's (whether pacer has `limits` or
 /// none at all), nothing reaches the upstream, and both still share.
 async fn an_upstream_pause_is_shared_and_shed_as_a_pause(limits: bool) {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("shared pause", async {
         let redis = RedisServer::start();
         // The upstream allows 5 per 4 s; pacer is told 60 per 2 s, or has no `[[limit]]`
@@ -510,12 +497,12 @@ async fn an_upstream_pause_is_shared_and_shed_as_a_pause(limits: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_round_trip_per_admission() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("round trips", async {
         let redis = RedisServer::start();
         let sim = sim().await;
         // A generous timeout: this counts round trips, not what a slow Redis does.
-        let r = common::start_pacer(&replica_config(
+        let r = crate::support::start_pacer(&replica_config(
             sim.addr(),
             &redis.url(),
             "timeout = \"5s\"",
@@ -549,10 +536,10 @@ async fn one_round_trip_per_admission() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("rediss", async {
-        let certs = common::TestCerts::new();
-        let port = common::free_port();
+        let certs = crate::support::TestCerts::new();
+        let port = crate::support::free_port();
         let mut child = Command::new("redis-server")
             .args([
                 "--port",
@@ -588,7 +575,7 @@ async fn rediss_with_a_private_ca() {
         let sim = sim().await;
         let extra = format!("ca_file = \"{}\"", certs.ca_pem.display());
         let config = replica_config(sim.addr(), &format!("rediss://localhost:{port}/"), &extra);
-        let r = common::start_pacer(&config).await;
+        let r = crate::support::start_pacer(&config).await;
         wait_until_shared(std::slice::from_ref(&r)).await;
         let token = token(r.proxy_addr).await;
         let reply = TestClient::http1(r.proxy_addr)
@@ -636,7 +623,7 @@ async fn wait_for_adaptive(
 /// hearing from the upstream themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("shared adaptive state", async {
         // The upstream reports 30 per 2 s for the client; pacer is configured for 60.
         let redis = RedisServer::start();
@@ -697,7 +684,7 @@ async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
 /// and each replica reads it with its heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learned_critical_reserve_is_shared_by_every_replica() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("shared reserve", async {
         let redis = RedisServer::start();
         let sim = one_client_sim("shared", 1000, "10s").await;
@@ -740,8 +727,8 @@ timeout = "500ms"
             redis = redis.url()
         );
         let running = vec![
-            common::start_pacer(&config).await,
-            common::start_pacer(&config).await,
+            crate::support::start_pacer(&config).await,
+            crate::support::start_pacer(&config).await,
         ];
         wait_until_shared(&running).await;
         let (a, b) = (&running[0], &running[1]);
@@ -807,7 +794,7 @@ timeout = "500ms"
 /// answer saying so, forwards only what the upstream has left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn use_outside_pacer_is_shared_through_redis() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     within("shared inin-ratelimit-count", async {
         let redis = RedisServer::start();
         let sim = one_client_sim("shared", 20, "60s").await;

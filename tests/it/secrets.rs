@@ -5,10 +5,8 @@
 //!
 //! This binary installs the process-wide subscriber, so it holds one test only.
 
-mod common;
-
+use crate::support::*;
 use base64::Engine as _;
-use common::*;
 use http::{Method, StatusCode};
 use pacer::sim::{SimConfig, Simulator};
 use std::io::Write;
@@ -53,19 +51,20 @@ impl Capture {
 }
 
 /// Captures every record at every level from every crate, including `log` records
-/// (rustls logs through `log`), as the process-wide default.
-fn install_capture() -> Capture {
+/// (rustls logs through `log`), as the default of this thread until the guard is dropped.
+/// The test runs on a current-thread runtime, so pacer's and the simulator's tasks all log
+/// on this thread; the other tests of the process keep their own (no) subscriber.
+fn install_capture() -> (Capture, tracing::subscriber::DefaultGuard) {
     use tracing_subscriber::util::SubscriberInitExt as _;
     let capture = Capture::default();
-    tracing_subscriber::fmt()
+    let guard = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_ansi(false)
         .with_writer(capture.clone())
         .finish()
-        // Sets the global default and bridges the `log` crate (tracing-log).
-        .try_init()
-        .expect("the only subscriber of this test binary");
-    capture
+        // Sets this thread's default and bridges the `log` crate (tracing-log).
+        .set_default();
+    (capture, guard)
 }
 
 fn basic(id: &str, secret: &str) -> String {
@@ -103,8 +102,8 @@ fn leak_context(haystack: &str, needle: &str) -> Option<String> {
 
 #[tokio::test]
 async fn no_secret_reaches_logs_or_metrics() {
-    let capture = install_capture();
-    std::env::set_var(KEY_VAR, INBOUND_KEY);
+    let _serial = serial().await;
+    let (capture, _capture_guard) = install_capture();
 
     let (metrics, status, secrets) = within("secrets flow", async {
         let sim_config = SimConfig::from_toml_str(&format!(
@@ -117,7 +116,8 @@ async fn no_secret_reaches_logs_or_metrics() {
             .await
             .expect("simulator starts");
         let url = sim.url();
-        let pacer = start_pacer(&format!(
+        let pacer = start_pacer_with_env(
+            &format!(
             "[[upstream]]\nname = \"api\"\nurl = \"{url}\"\n\n\
              [[upstream]]\nname = \"login\"\nurl = \"{url}\"\n\n\
              [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\n\
@@ -129,7 +129,9 @@ async fn no_secret_reaches_logs_or_metrics() {
              [[client]]\nid = \"{CLIENT_ID}\"\nname = \"secrets\"\n\n\
              [[limit]]\nname = \"per-client\"\nupstream = \"api\"\nscope = \"client\"\n\
              requests = 1000\nper = \"60s\"\n"
-        ))
+            ),
+            &[(KEY_VAR, INBOUND_KEY)],
+        )
         .await;
         let h1 = TestClient::http1(pacer.proxy_addr);
         let h2 = TestClient::h2c(pacer.proxy_addr);

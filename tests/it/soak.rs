@@ -6,10 +6,8 @@
 //!
 //! The figures go to `target/soak-report.txt`. `bench/soak.sh` runs 10^6 in release mode.
 
-mod common;
-
+use crate::support::*;
 use base64::Engine as _;
-use common::*;
 use http::{Method, StatusCode};
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeMap;
@@ -169,6 +167,7 @@ async fn worker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_reconciles_callers_pacer_and_upstream() {
+    let _serial = serial().await;
     let n = requests();
     let outcome = tokio::time::timeout(SOAK_LIMIT, soak(n)).await;
     outcome.unwrap_or_else(|_| panic!("soak of {n} requests did not finish within {SOAK_LIMIT:?}"));

@@ -14,18 +14,13 @@
 //! Needs `python3` with the SDK: `.ci/run` installs it. Without it the tests print a skip
 //! notice, or fail when `CI` is set.
 
-#![allow(clippy::await_holding_lock)]
-
-mod common;
-
-use common::*;
+use crate::support::*;
 use http::StatusCode;
 use pacer::app::Running;
 use pacer::sim::{SimConfig, Simulator};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
@@ -40,13 +35,6 @@ const SIM_REQUESTS: u64 = 20;
 /// Longest one run of the script may take before it is killed.
 const SCRIPT_LIMIT: Duration = Duration::from_secs(20);
 const SUMMARY_TAG: &str = "PACER_SDK_SUMMARY ";
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One test at a time: the retry test measures time, and each run starts a Python process.
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/through_pacer.py")
@@ -203,7 +191,7 @@ fn assert_sdk_defaults(summary: &Value, pacer: &Running) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_logs_in_and_calls_through_pacer() {
-    let _serial = serial();
+    let _serial = serial().await;
     if !sdk_available("sdk_logs_in_and_calls_through_pacer") {
         return;
     }
@@ -261,7 +249,7 @@ async fn sdk_logs_in_and_calls_through_pacer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_retries_pacer_429s_honouring_retry_after() {
-    let _serial = serial();
+    let _serial = serial().await;
     if !sdk_available("sdk_retries_pacer_429s_honouring_retry_after") {
         return;
     }

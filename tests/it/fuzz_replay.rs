@@ -2,7 +2,7 @@
 //! input: the stable-toolchain twin of the `fuzz/` targets (which need nightly). The
 //! targets' bodies are compiled in here too, and their corpora replayed through them.
 
-#[path = "../fuzz/src/lib.rs"]
+#[path = "../../fuzz/src/lib.rs"]
 mod fuzz_targets;
 
 use http::{HeaderMap, HeaderValue, Method};

@@ -7,10 +7,10 @@
 //! promtool comes with the Debian package `prometheus` (`.ci/run` installs it). Without it
 //! the promtool checks fail when `CI` is set, and are skipped with a notice otherwise.
 
-mod common;
-
+use crate::support::{
+    full, prom_samples, serial, serial_blocking, start_pacer, within, Sample, TestClient,
+};
 use base64::Engine as _;
-use common::{full, prom_samples, start_pacer, within, Sample, TestClient};
 use http::{Method, StatusCode};
 use pacer::sim::{SimConfig, Simulator};
 use std::path::{Path, PathBuf};
@@ -265,6 +265,7 @@ critical_reserve = 0.0
 
 #[tokio::test]
 async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
+    let _serial = serial().await;
     let (text, token) = within("observability traffic", metrics_after_traffic()).await;
     let samples = prom_samples(&text);
 
@@ -397,6 +398,7 @@ async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
 
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let _serial = serial_blocking();
     let Some(promtool) = promtool() else { return };
     let out = run(
         &promtool,
@@ -421,6 +423,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 /// Every query of the Grafana dashboard parses as PromQL, and names only pacer's metrics.
 #[test]
 fn dashboard_queries_are_valid_promql() {
+    let _serial = serial_blocking();
     let path = repo_root().join("deploy/grafana/dashboards/pacer.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard JSON"))
@@ -485,6 +488,7 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
 
 #[test]
 fn compose_config_is_valid() {
+    let _serial = serial_blocking();
     for file in [
         "deploy/compose/pacer.toml",
         "deploy/compose/pacer-shared.toml",

@@ -1,11 +1,9 @@
 //! The `pacer` binary: `check-config`, refusing bad configuration at start, and reloading
 //! on SIGHUP (a bad file keeps the configuration in force).
 
-mod common;
-
-use common::{within, TestClient, TestUpstream};
+use crate::support::{serial, serial_blocking, wait_listening, within, TestClient, TestUpstream};
 use http::StatusCode;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +30,8 @@ requests = 10
 
 #[test]
 fn check_config_lists_every_error_with_its_key_path() {
-    let dir = common::unique_temp_dir("check");
+    let _serial = serial_blocking();
+    let dir = crate::support::unique_temp_dir("check");
     let file = dir.join("broken.toml");
     std::fs::write(&file, BROKEN).unwrap();
     let out = Command::new(BIN)
@@ -54,6 +53,7 @@ fn check_config_lists_every_error_with_its_key_path() {
 
 #[test]
 fn shipped_configs_pass_check_config() {
+    let _serial = serial_blocking();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for file in ["config/pacer.toml", "config/genesys.toml"] {
         let out = Command::new(BIN)
@@ -71,7 +71,8 @@ fn shipped_configs_pass_check_config() {
 
 #[test]
 fn run_refuses_to_start_on_invalid_config() {
-    let dir = common::unique_temp_dir("refuse");
+    let _serial = serial_blocking();
+    let dir = crate::support::unique_temp_dir("refuse");
     let file = dir.join("broken.toml");
     std::fs::write(&file, BROKEN).unwrap();
     let out = Command::new(BIN)
@@ -111,11 +112,12 @@ async fn status_of(addr: SocketAddr, path: &str) -> StatusCode {
 
 #[tokio::test]
 async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
+    let _serial = serial().await;
     within("reload", async {
         let upstream = TestUpstream::start().await;
-        let port = common::free_port();
+        let port = crate::support::free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let dir = common::unique_temp_dir("reload");
+        let dir = crate::support::unique_temp_dir("reload");
         let file = dir.join("pacer.toml");
         std::fs::write(&file, config(port, &upstream.url(), "/a/")).unwrap();
         let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
@@ -125,14 +127,7 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
             .stderr(log)
             .spawn()
             .unwrap();
-        let started = Instant::now();
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "pacer did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_listening(addr, "pacer").await;
         let hup = |pid: u32| {
             let ok = Command::new("kill")
                 .args(["-HUP", &pid.to_string()])

@@ -5,12 +5,10 @@
 //! Needs `redis-server` (with `--cluster-enabled` and `--sentinel`) and `redis-cli`; without
 //! them the tests print a notice and pass, unless `CI` is set, where they fail.
 
-mod common;
-
-use common::redis::{
-    greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, Tally,
+use crate::support::redis::{
+    cli, greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, Tally,
 };
-use common::{token_via, TestClient};
+use crate::support::{free_port, serial, token_via, TestClient};
 use http::StatusCode;
 use pacer::app::Running;
 use pacer::sim::Simulator;
@@ -21,9 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Each test runs several Redis processes and pacers: one at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const QUOTA: u64 = 60;
 const WINDOW: &str = "2s";
@@ -72,10 +67,6 @@ fn tools_present(test: &str) -> bool {
     false
 }
 
-fn free_port() -> u16 {
-    common::free_port()
-}
-
 fn wait_for_port(port: u16, what: &str) {
     let started = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -85,17 +76,6 @@ fn wait_for_port(port: u16, what: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// `redis-cli -p PORT args...`, its standard output.
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// A Redis process of the test's own; killed on drop.
@@ -163,7 +143,7 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = common::unique_temp_dir("cluster");
+        let dir = crate::support::unique_temp_dir("cluster");
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let port = free_port();
@@ -306,7 +286,7 @@ async fn two_replicas_share_one_quota_through_a_redis_cluster() {
     if !tools_present("cluster") {
         return;
     }
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("cluster", async {
         let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
         let sim = sim().await;
@@ -318,7 +298,7 @@ async fn two_replicas_share_one_quota_through_a_redis_cluster() {
         let mut running = Vec::new();
         let mut targets = Vec::new();
         for _ in 0..2 {
-            let r = common::start_pacer(&replica_config(sim.addr(), &state)).await;
+            let r = crate::support::start_pacer(&replica_config(sim.addr(), &state)).await;
             targets.push((r.proxy_addr, token(r.proxy_addr).await));
             running.push(r);
         }
@@ -397,9 +377,9 @@ async fn admissions_go_to_the_primary_a_sentinel_names() {
     if !tools_present("sentinel") {
         return;
     }
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("sentinel", async {
-        let dir = common::unique_temp_dir("sentinel");
+        let dir = crate::support::unique_temp_dir("sentinel");
         let master = Proc::server(free_port(), &dir, &[]);
         let sentinel = sentinel(&dir, master.port);
         let sim = sim().await;
@@ -407,7 +387,7 @@ async fn admissions_go_to_the_primary_a_sentinel_names() {
             "mode = \"sentinel\"\nnodes = [\"redis://127.0.0.1:{}\"]\nmaster = \"mymaster\"",
             sentinel.port
         );
-        let r = common::start_pacer(&replica_config(sim.addr(), &state)).await;
+        let r = crate::support::start_pacer(&replica_config(sim.addr(), &state)).await;
         let token = token(r.proxy_addr).await;
         wait_all_up(std::slice::from_ref(&r), Duration::from_secs(15)).await;
         // The first admission also loads the script (EVALSHA answers NOSCRIPT once).
@@ -433,9 +413,9 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
     if !tools_present("sentinel failover") {
         return;
     }
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("sentinel failover", async {
-        let dir = common::unique_temp_dir("failover");
+        let dir = crate::support::unique_temp_dir("failover");
         let mut master = Proc::server(free_port(), &dir, &[]);
         let replica_port = free_port();
         let master_port = master.port.to_string();
@@ -458,7 +438,7 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
             "mode = \"sentinel\"\nnodes = [\"redis://127.0.0.1:{}\"]\nmaster = \"mymaster\"",
             sentinel.port
         );
-        let r = common::start_pacer(&replica_config(sim.addr(), &state)).await;
+        let r = crate::support::start_pacer(&replica_config(sim.addr(), &state)).await;
         let token = token(r.proxy_addr).await;
         wait_all_up(std::slice::from_ref(&r), Duration::from_secs(15)).await;
         served(&r, &token, 1).await;

@@ -5,9 +5,7 @@
 //! of one. Bodies up to `buffer_body_bytes` are read whole before admission; larger ones
 //! stream.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use http::StatusCode;
 use std::time::Duration;
 
@@ -410,6 +408,7 @@ fn assert_raw_pacer_error(what: &str, reply: &RawReply, status: u16) {
 /// hour, the same caller's next whole request is still admitted (and the one after shed).
 #[tokio::test]
 async fn broken_or_unfinished_bodies_reach_nothing_and_take_no_quota() {
+    let _serial = serial().await;
     within("unfinished bodies", async {
         let up = RawUpstream::start(RawMode::Ok).await;
         let config = format!(
@@ -568,6 +567,7 @@ async fn raw_read_one(s: &mut tokio::net::TcpStream) -> Vec<u8> {
 /// never reused, and the reservation is returned.
 #[tokio::test]
 async fn broken_streamed_body_aborts_upstream_request_and_frees_its_slot() {
+    let _serial = serial().await;
     within("broken streamed body", async {
         let up = RawUpstream::start(RawMode::Ok).await;
         let pacer = pacer_for(&up).await;
@@ -595,12 +595,11 @@ async fn broken_streamed_body_aborts_upstream_request_and_frees_its_slot() {
         assert!(!cut.complete, "{cut:?}");
         assert_eq!(cut.header("content-length"), Some("100000"));
         assert_eq!(show(&cut.framed_body), "hello");
-        // A second request is admitted at once (its slot came back) and goes on a fresh
-        // upstream connection: the aborted one is not reused.
-        let started = std::time::Instant::now();
+        // A second request is admitted (its slot came back: with `concurrency = 1` and
+        // `max_wait = 1s` a slot still held would shed it) and goes on a fresh upstream
+        // connection: the aborted one is not reused.
         let reply = client.get("/api/next", &[]).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        assert!(started.elapsed() < Duration::from_millis(900));
         let next = up
             .records()
             .into_iter()

@@ -8,12 +8,8 @@
 //! Every test takes [`serial`]: they measure timing and memory of one process, and on a
 //! small machine a neighbour's CPU burst would turn into network jitter here.
 
-#![allow(clippy::await_holding_lock)]
-
-mod common;
-
+use crate::support::*;
 use bytes::{Buf, Bytes, BytesMut};
-use common::*;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use pacer::app::Running;
@@ -22,7 +18,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,13 +27,6 @@ use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------------------
 // helpers
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// One test of this file at a time (a failed test must not block the others).
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 async fn start_sim(toml: &str) -> Simulator {
     let config = SimConfig::from_toml_str(toml)
@@ -324,7 +313,7 @@ async fn greedy_callers(guard: &str) {
 /// 2 ms upstream, so the guard here is 200 ms; see the 40 ms variant below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_callers_never_trigger_upstream_429() {
-    let _serial = serial();
+    let _serial = serial().await;
     greedy_callers("200ms").await;
 }
 
@@ -334,7 +323,7 @@ async fn greedy_callers_never_trigger_upstream_429() {
 #[ignore = "timing-sensitive: a 40 ms guard is smaller than the admission-to-arrival jitter \
             of a debug build on a loaded 2-core machine"]
 async fn greedy_callers_never_trigger_upstream_429_with_40ms_guard() {
-    let _serial = serial();
+    let _serial = serial().await;
     greedy_callers("40ms").await;
 }
 
@@ -343,7 +332,7 @@ async fn greedy_callers_never_trigger_upstream_429_with_40ms_guard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_traffic_is_never_shed_under_bulk_flood() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("critical under bulk flood", async {
         const QUOTA: u64 = 100;
         const BULK_WORKERS: usize = 60;
@@ -575,7 +564,7 @@ const RESERVE_LIMITS: &str = "[[limit]]\nname = \"per-client\"\nupstream = \"api
 /// default `critical_reserve` (0.2) is held nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("no critical source", async {
         let ids = ["greedy-0", "greedy-1", "greedy-2", "greedy-3"];
         let sim = start_sim(&reserve_sim_toml(&ids)).await;
@@ -625,7 +614,7 @@ async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
 /// own greedy job stops at 75%.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("critical route", async {
         let ids = ["normal-0", "normal-1", "normal-2", "shared"];
         let sim = start_sim(&reserve_sim_toml(&ids)).await;
@@ -732,7 +721,7 @@ async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnected_waiters_free_their_reservations() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("disconnected waiters", async {
         const N: u64 = 20;
         const WAITERS: usize = 1000;
@@ -1033,18 +1022,20 @@ async fn unknown_tokens_memory(total: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_unknown_tokens_keep_memory_bounded() {
-    let _serial = serial();
+    let _serial = serial().await;
     // 10^6 takes longer than this file's budget in a debug build on two cores; see
     // `a_million_unknown_tokens_keep_memory_bounded_full`.
-    tokio::time::timeout(Duration::from_secs(60), unknown_tokens_memory(50_000))
+    // A hang guard, not a speed limit: on a loaded debug build 200k requests can take
+    // well over a minute.
+    tokio::time::timeout(Duration::from_secs(300), unknown_tokens_memory(50_000))
         .await
-        .expect("200k requests within 60 s");
+        .expect("200k requests did not finish: hung?");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: 10^6 requests (run with --ignored, ideally --release)"]
 async fn a_million_unknown_tokens_keep_memory_bounded_full() {
-    let _serial = serial();
+    let _serial = serial().await;
     tokio::time::timeout(Duration::from_secs(600), unknown_tokens_memory(1_000_000))
         .await
         .expect("10^6 requests within 10 min");
@@ -1055,7 +1046,7 @@ async fn a_million_unknown_tokens_keep_memory_bounded_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_429_pauses_the_client() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("upstream 429 pause", async {
         const WORKERS: usize = 8;
         // The simulator allows 10 per window; pacer is misconfigured to allow 100.
@@ -1203,6 +1194,7 @@ async fn upstream_429_pauses_the_client() {
 /// pacer in front of a recording upstream, route `/api/`, plus `extra` config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_pause_with_no_limit_at_all_is_shed_as_a_pause() {
+    let _serial = serial().await;
     within("pause without limits", async {
         // No `[[limit]]`: only the upstream (5 per 4 s) says when to stop.
         let sim = start_sim(
@@ -1277,7 +1269,7 @@ fn structured(v: &str) -> (String, BTreeMap<String, i64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_headers() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("RateLimit headers", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_with(
@@ -1345,7 +1337,7 @@ async fn rate_limit_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_variants_share_one_limit() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("path variants", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_with(
@@ -1423,7 +1415,7 @@ async fn path_variants_share_one_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_forwarded_for_cannot_dodge_a_client_ip_limit() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("spoofed X-Forwarded-For", async {
         let up = TestUpstream::start().await;
         let pacer = start_pacer(&format!(
@@ -1480,7 +1472,7 @@ async fn spoofed_forwarded_for_cannot_dodge_a_client_ip_limit() {
 /// the upstream's `inin-ratelimit-count`, so pacer stops before the upstream says 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn use_outside_pacer_is_learned_from_inin_ratelimit_count() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("inin-ratelimit-count", async {
         let sim = start_sim(
             "window = \"60s\"\nclient_requests = 20\norg_requests = 1000\n\
@@ -1524,7 +1516,7 @@ async fn use_outside_pacer_is_learned_from_inin_ratelimit_count() {
 /// rate ceilings; the simulator sends no `inin-ratelimit-*`, so only the 429 teaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_429s_cut_the_clients_rate() {
-    let _serial = serial();
+    let _serial = serial().await;
     within("adaptive", async {
         let sim = start_sim(
             "window = \"60s\"\nclient_requests = 10\norg_requests = 1000\nrate_headers = false\n\
@@ -1686,7 +1678,7 @@ impl Converged {
 /// at the reported 10 and stays there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_on_the_reported_budget() {
-    let _serial = serial();
+    let _serial = serial().await;
     let run = tokio::time::timeout(Duration::from_secs(60), converge_run(true, ""))
         .await
         .expect("bounded run");
@@ -1718,7 +1710,7 @@ async fn converges_on_the_reported_budget() {
 /// bringing the 429s back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_on_the_real_budget_from_429s_alone() {
-    let _serial = serial();
+    let _serial = serial().await;
     let run = tokio::time::timeout(
         Duration::from_secs(60),
         converge_run(false, "[adaptive]\nhold = \"5s\"\n"),

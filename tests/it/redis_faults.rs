@@ -11,10 +11,8 @@
 //! after the fault the backend reports up again within 10 s and admissions go through Redis
 //! again (`evalsha` calls increase, keys appear under the prefix).
 
-mod common;
-
-use common::redis::{one_client_sim, shared_limit_config, status, wait_up, RedisServer};
-use common::{empty, token_via, TestClient};
+use crate::support::redis::{one_client_sim, shared_limit_config, status, wait_up, RedisServer};
+use crate::support::{empty, serial, token_via, TestClient};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use pacer::sim::Simulator;
@@ -27,9 +25,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle};
-
-/// Timing-sensitive: one case at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// pacer's `[state] timeout`.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
@@ -498,7 +493,7 @@ async fn scenario(fault: Fault) {
         format!("redis://{}/", redis.addr())
     };
     let sim = sim().await;
-    let pacer = common::start_pacer(&pacer_config(sim.addr(), &url)).await;
+    let pacer = crate::support::start_pacer(&pacer_config(sim.addr(), &url)).await;
     wait_up(&pacer, Duration::from_secs(10)).await;
     let token = token(pacer.proxy_addr).await;
     sim.reset();
@@ -506,7 +501,7 @@ async fn scenario(fault: Fault) {
     let load = Load::start(pacer.proxy_addr, &token);
     tokio::time::sleep(Duration::from_millis(500) + BASELINE).await;
     let fds_before = open_fds();
-    let rss_before = common::vm_rss_bytes().unwrap_or(0);
+    let rss_before = crate::support::vm_rss_bytes().unwrap_or(0);
     let fault_at = load.now();
     tracing::warn!("FAULT INJECT");
 
@@ -525,7 +520,7 @@ async fn scenario(fault: Fault) {
             assert_eq!(redis.cli(&["config", "set", "maxmemory", "1"]), "OK");
         }
         Fault::ReadOnly => {
-            let dead = common::dead_addr().port().to_string();
+            let dead = crate::support::dead_addr().port().to_string();
             assert_eq!(redis.cli(&["replicaof", "127.0.0.1", &dead]), "OK");
         }
         Fault::Flap => {
@@ -592,7 +587,7 @@ async fn scenario(fault: Fault) {
     let sent_since = load.between(recovered_at, load.now()).len() as u64;
     let keys = rate_keys(&redis);
     let fds_after = open_fds();
-    let rss_after = common::vm_rss_bytes().unwrap_or(0);
+    let rss_after = crate::support::vm_rss_bytes().unwrap_or(0);
     let proxy_live_after = proxy.live();
     let end = load.now();
     let samples = load.stop().await;
@@ -739,42 +734,42 @@ async fn scenario(fault: Fault) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_then_restarted() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("down", scenario(Fault::Down)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_blackholed() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("blackhole", scenario(Fault::Blackhole)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_slower_than_the_timeout() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("slow", scenario(Fault::Slow)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_out_of_memory() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("oom", scenario(Fault::Oom)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_read_only_replica() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("readonly", scenario(Fault::ReadOnly)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flapping() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("flapping", scenario(Fault::Flap)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_partition_that_kills_the_connection() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     bounded("partition", scenario(Fault::Partition)).await;
 }

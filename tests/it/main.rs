@@ -1,0 +1,25 @@
+//! pacer's black-box tests, one module a theme, in one test binary. Helpers live in
+//! [`support`], one job a module. Tests that load the machine, measure time or start
+//! child processes hold [`support::serial`] for their whole run; light tests run beside
+//! anything.
+
+mod support;
+
+mod broker;
+mod cli;
+mod deps;
+mod fuzz_replay;
+mod h2_abuse;
+mod hostile;
+mod limits;
+mod observability;
+mod proxy;
+mod redis;
+mod redis_faults;
+mod redis_topologies;
+mod sdk;
+mod secrets;
+mod sim;
+mod slow_peers;
+mod smuggling;
+mod soak;
