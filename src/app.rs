@@ -81,31 +81,65 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Listen { addr, source })
 }
 
-/// Builds everything from a validated configuration and starts serving.
+/// Builds everything from a validated configuration and starts serving on the caller's
+/// runtime.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with_workers(config, 0).await
+}
+
+/// Like [`start`], with `extra` more serving threads beside the caller's runtime, each
+/// with its own runtime and listening socket on the same port (see
+/// [`server::run_workers`]). The caller's runtime also runs the shared background work.
+pub async fn start_with_workers(config: Config, extra: usize) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let proxy = Proxy::new(config.clone())?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
 
-    let listener = bind(config.server.listen).await?;
+    let listen = config.server.listen;
+    let listener = if extra == 0 {
+        bind(listen).await?
+    } else {
+        server::bind_shared(listen).map_err(|source| StartError::Listen {
+            addr: listen,
+            source,
+        })?
+    };
     let proxy_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.server.listen,
+        addr: listen,
         source,
     })?;
-    let settings = ConnSettings::from_server(&config.server).map_err(StartError::Tls)?;
+    let mut settings = ConnSettings::from_server(&config.server).map_err(StartError::Tls)?;
+    // The connection cap is shared out between the serving threads.
+    settings.max_connections = settings.max_connections.div_ceil(extra + 1);
     let current = Arc::new(ArcSwap::new(proxy.clone()));
     let cur = current.clone();
     let handler = move |req: Request<ProxyBody>, conn: ConnInfo| {
         let p = cur.load_full();
         async move { p.handle(req, conn).await }
     };
+    let workers = server::run_workers(
+        proxy_addr,
+        extra,
+        settings.clone(),
+        handler.clone(),
+        stopped.clone(),
+    )
+    .map_err(|source| StartError::Listen {
+        addr: proxy_addr,
+        source,
+    })?;
     tasks.push(tokio::spawn(server::serve(
         listener,
         settings,
         handler,
         stopped.clone(),
     )));
+    for done in workers {
+        tasks.push(tokio::spawn(async move {
+            let _ = done.await;
+        }));
+    }
 
     let admin_addr = match config.server.admin_listen {
         Some(addr) => {
@@ -153,7 +187,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// again: a valid configuration is put in force, an invalid one is reported with every
 /// error and the old one stays.
 pub async fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<(), StartError> {
-    let running = start(config).await?;
+    let extra = server::worker_count(config.server.workers).saturating_sub(1);
+    let running = start_with_workers(config, extra).await?;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {

@@ -36,7 +36,9 @@ pub struct Upstream {
     authority: Authority,
     base_path: String,
     timeout: Duration,
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// One connection pool per serving thread ([`crate::server::worker`]), so that a
+    /// connection's task runs on the thread whose requests use it.
+    clients: Vec<Client<HttpsConnector<HttpConnector>, ProxyBody>>,
     /// Retries of failed connections, shared by all requests to this upstream.
     retry_budget: governor::DefaultDirectRateLimiter,
 }
@@ -50,8 +52,9 @@ const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 const RETRY_BUDGET_PER_SECOND: u32 = 10;
 
 impl Upstream {
-    /// Builds the upstream's client from validated configuration.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
+    /// Builds the upstream's clients from validated configuration: one pool for each of
+    /// `workers` serving threads.
+    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Upstream, UpstreamSetupError> {
         let fail = |reason: String| UpstreamSetupError {
             name: cfg.name.clone(),
             reason,
@@ -106,18 +109,22 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout.0)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(cfg.pool_idle_timeout.0)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(https.clone())
+            })
+            .collect();
         Ok(Upstream {
             name: Arc::from(cfg.name.as_str()),
             scheme,
             authority,
             base_path,
             timeout: cfg.timeout.0,
-            client,
+            clients,
             retry_budget: governor::RateLimiter::direct(governor::Quota::per_second(
                 std::num::NonZeroU32::new(RETRY_BUDGET_PER_SECOND)
                     .unwrap_or(std::num::NonZeroU32::MIN),
@@ -176,7 +183,8 @@ impl Upstream {
                     "no request to send",
                 ));
             };
-            match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+            let client = &self.clients[crate::server::worker() % self.clients.len()];
+            match tokio::time::timeout_at(deadline, client.request(req)).await {
                 Err(_) => {
                     return Err(ProxyError::new(
                         ErrorKind::UpstreamTimeout,

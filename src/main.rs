@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pacer",
@@ -68,15 +71,16 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+    let runtime = |current_thread: bool| {
+        let mut builder = if current_thread {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+        };
+        builder.enable_all().build().map_err(|e| {
             eprintln!("pacer: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
     };
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
@@ -114,6 +118,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // One single-threaded runtime per serving thread (`[server] workers`); this one
+            // is the first and also runs the shared background work.
+            let runtime = match runtime(true) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
             match runtime.block_on(pacer::app::run(config, Some(path))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -134,6 +144,10 @@ fn main() -> ExitCode {
                 },
                 None => pacer::sim::SimConfig::default(),
             };
+            let runtime = match runtime(false) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
             match runtime.block_on(pacer::sim::serve(listen, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -149,6 +163,10 @@ fn main() -> ExitCode {
             if std::env::var_os("PACER_LOG").is_some() {
                 init_tracing();
             }
+            let runtime = match runtime(false) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
             match runtime.block_on(pacer::demo::run(duration, sim_limit)) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,

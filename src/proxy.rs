@@ -245,6 +245,6 @@ fn build_upstreams(config: &Config) -> Result<Vec<Arc<Upstream>>, UpstreamSetupE
     config
         .upstreams
         .iter()
-        .map(|u| Upstream::new(u).map(Arc::new))
+        .map(|u| Upstream::new(u, crate::server::worker_count(config.server.workers)).map(Arc::new))
         .collect()
 }

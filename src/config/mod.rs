@@ -179,6 +179,9 @@ impl Default for StateConfig {
     }
 }
 
+/// Largest `[server] workers`.
+pub const MAX_WORKERS: usize = 256;
+
 /// Largest `[server] buffer_body_bytes`: each request whose body is being read may hold it.
 pub const MAX_BUFFER_BODY_BYTES: u64 = 16 * 1024 * 1024;
 
@@ -209,6 +212,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Dur,
     /// Open client connections at most; more wait in the kernel backlog.
     pub max_connections: usize,
+    /// Threads serving the proxy listener, each with its own single-threaded runtime and
+    /// its own listening socket on the same port (`SO_REUSEPORT`, Linux): no request
+    /// crosses threads. 0 means one per CPU core. Limits and queues are shared by all.
+    pub workers: usize,
     /// HTTP/2 streams per connection at most.
     pub http2_max_concurrent_streams: u32,
     /// Longer request targets (path and query) are answered 414.
@@ -244,6 +251,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             shutdown_grace: Dur::secs(30),
             max_connections: 10_000,
+            workers: 0,
             http2_max_concurrent_streams: 100,
             max_uri_bytes: 8 * 1024,
             body_idle_timeout: Dur::secs(30),
@@ -519,6 +527,12 @@ impl Config {
 
         if self.server.max_headers == 0 {
             err("server.max_headers".into(), "must be at least 1".into());
+        }
+        if self.server.workers > MAX_WORKERS {
+            err(
+                "server.workers".into(),
+                format!("at most {MAX_WORKERS} (0 means one per CPU core)"),
+            );
         }
         if self.server.max_connections == 0 {
             err("server.max_connections".into(), "must be at least 1".into());
