@@ -31,7 +31,7 @@ use crate::answer::{BoxError, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
 use crate::identity::{Caller, Identified};
 use crate::limit::LayerKey;
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::{InflightGauge, Metrics, RequestLabels};
 use crate::queue::{Admission, Permit};
 use crate::route::{RouteMatch, Routed};
 use crate::server::ConnInfo;
@@ -190,13 +190,12 @@ impl Admit {
             reservation.waited().as_secs_f64(),
         );
         let rate_headers = reservation.headers();
+        let gauge = self.metrics.inflight_gauge(&upstream_name, &caller.label);
+        gauge.up();
         let held = InFlight {
-            metrics: self.metrics.clone(),
-            upstream: upstream_name,
-            client: caller.label.clone(),
+            gauge,
             permit: reservation.commit(),
         };
-        self.metrics.inflight(&held.upstream, &held.client, 1.0);
         Ok(Admitted {
             req,
             query: target.query,
@@ -215,15 +214,13 @@ impl Admit {
 
 /// A request in flight: its concurrency permit and its `pacer_inflight` count.
 struct InFlight {
-    metrics: Arc<Metrics>,
-    upstream: Arc<str>,
-    client: Arc<str>,
+    gauge: InflightGauge,
     permit: Permit,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.metrics.inflight(&self.upstream, &self.client, -1.0);
+        self.gauge.down();
     }
 }
 
