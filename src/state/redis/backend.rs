@@ -18,7 +18,7 @@
 //! Sentinels name (`sentinel`: asked at every (re)connection, so a failover is followed once
 //! the heartbeat replaces the dead connection).
 
-use super::{Backend, BackendStatus, Clock, Grant, SharedAdaptive};
+use crate::state::{Backend, BackendStatus, Clock, Grant, SharedAdaptive};
 use crate::config::{RedisMode, StateConfig};
 use crate::limit::window::Nanos;
 use crate::limit::{
