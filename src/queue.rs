@@ -7,17 +7,26 @@
 //! Reservations are RAII: a [`Reservation`] dropped before [`Reservation::commit`] (the
 //! caller went away, the request was refused) gives everything back; a [`Permit`] holds
 //! concurrency until the response is done.
+//!
+//! [`Admission`] ties two halves: `schedule` (waiters, priorities, wake-ups, upstream
+//! pauses, when to try again) and `reservation` (what an admitted request holds, its
+//! commit, refund and release).
+
+mod reservation;
+mod schedule;
+
+pub use reservation::{headroom_headers, Permit, Reservation};
 
 use crate::config::{Priority, QueueConfig};
 use crate::error::ShedReason;
 use crate::limit::window::Nanos;
-use crate::limit::{BlockKind, Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
+use crate::limit::{BlockKind, Blocked, Demand, LayerKey, LimitSet};
 use crate::reserve::{CriticalSources, Reserve};
 use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use reservation::ceil_secs;
+use schedule::{jitter, schedule, State, WaiterGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -34,85 +43,7 @@ pub struct Refusal {
 /// Who an upstream pause applies to: an upstream and a caller.
 pub type PauseKey = (usize, Arc<str>);
 
-struct Waiter {
-    demand: Arc<Demand>,
-    pause: Option<PauseKey>,
-    /// Not admitted before this (pause end plus jitter).
-    not_before: Nanos,
-    /// Requests with the same signature are blocked by the same thing.
-    signature: u64,
-    /// What blocked it last, for the answer if it times out.
-    last_blocked: Option<Blocked>,
-    tx: oneshot::Sender<Reservation>,
-}
-
-#[derive(Default)]
-struct State {
-    /// Waiters by (priority, arrival): iteration order is admission order.
-    waiters: BTreeMap<(usize, u64), Waiter>,
-    /// Waiting requests per layer and class.
-    waiting: HashMap<LayerKey, [u64; 3]>,
-    depth: [usize; 3],
-    depth_by_upstream: HashMap<usize, [usize; 3]>,
-    pauses: HashMap<PauseKey, Nanos>,
-    seq: u64,
-}
-
-impl State {
-    fn remove_waiter(&mut self, key: (usize, u64)) -> Option<Waiter> {
-        let w = self.waiters.remove(&key)?;
-        for layer in &w.demand.layers {
-            if let Some(c) = self.waiting.get_mut(layer) {
-                c[key.0] = c[key.0].saturating_sub(1);
-                if c.iter().all(|&n| n == 0) {
-                    self.waiting.remove(layer);
-                }
-            }
-        }
-        self.depth[key.0] = self.depth[key.0].saturating_sub(1);
-        if let Some(d) = self.depth_by_upstream.get_mut(&w.demand.upstream) {
-            d[key.0] = d[key.0].saturating_sub(1);
-        }
-        Some(w)
-    }
-
-    /// Pauses `key` until `until` (or longer, if it already is). At most `cap` keys are
-    /// paused: when full, ended pauses go first, then the eighth that end soonest (losing
-    /// one costs at most one more upstream 429), so inserts stay amortized O(1).
-    fn pause(&mut self, key: PauseKey, until: Nanos, now: Nanos, cap: usize) {
-        let cap = cap.max(1);
-        if self.pauses.len() >= cap && !self.pauses.contains_key(&key) {
-            self.pauses.retain(|_, end| *end > now);
-            if self.pauses.len() >= cap {
-                let mut ends: Vec<(Nanos, PauseKey)> =
-                    self.pauses.iter().map(|(k, &e)| (e, k.clone())).collect();
-                let evict = (ends.len() / 8).max(1);
-                ends.select_nth_unstable_by_key(evict - 1, |(e, _)| *e);
-                for (_, k) in &ends[..evict] {
-                    self.pauses.remove(k);
-                }
-            }
-        }
-        let entry = self.pauses.entry(key).or_insert(0);
-        *entry = (*entry).max(until);
-    }
-
-    fn paused_until(&self, key: &Option<PauseKey>, now: Nanos) -> Option<Nanos> {
-        let until = *self.pauses.get(key.as_ref()?)?;
-        (until > now).then_some(until)
-    }
-
-    /// Waiting requests of the same or higher priority, per layer of `demand`.
-    fn ahead(&self, demand: &Demand) -> Vec<u64> {
-        let top = demand.priority.index();
-        demand
-            .layers
-            .iter()
-            .map(|l| self.waiting.get(l).map_or(0, |c| c[..=top].iter().sum()))
-            .collect()
-    }
-}
-
+/// What the controller, the scheduler, and every reservation share.
 struct Shared {
     set: Arc<LimitSet>,
     backend: Arc<dyn Backend>,
@@ -365,7 +296,7 @@ impl Admission {
         }
         let (rx, key) = {
             let mut state = shared.lock();
-            if state.depth.iter().sum::<usize>() >= shared.queue.max_depth {
+            if state.queued() >= shared.queue.max_depth {
                 let wait = blocked
                     .as_ref()
                     .and_then(|b| b.wait)
@@ -377,37 +308,14 @@ impl Admission {
                 });
             }
             let not_before = paused.map_or(0, |until| until + jitter(until - now));
-            let (tx, rx) = oneshot::channel();
-            state.seq += 1;
-            let key = (demand.priority.index(), state.seq);
-            for layer in &demand.layers {
-                state.waiting.entry(layer.clone()).or_default()[key.0] += 1;
-            }
-            state.depth[key.0] += 1;
-            state.depth_by_upstream.entry(demand.upstream).or_default()[key.0] += 1;
-            let signature = signature(&demand, &pause);
-            state.waiters.insert(
-                key,
-                Waiter {
-                    demand: demand.clone(),
-                    pause: pause.clone(),
-                    not_before,
-                    signature,
-                    last_blocked: blocked.clone(),
-                    tx,
-                },
-            );
-            (rx, key)
+            state.enqueue(demand, pause, not_before, blocked)
         };
         shared.wake.notify_one();
 
-        let mut guard = WaiterGuard {
-            shared: shared.clone(),
-            key: Some(key),
-        };
+        let mut guard = WaiterGuard::new(shared.clone(), key);
         match tokio::time::timeout_at(started + max_wait, rx).await {
             Ok(Ok(mut reservation)) => {
-                guard.key = None;
+                guard.disarm();
                 reservation.waited = started.elapsed();
                 Ok(reservation)
             }
@@ -526,29 +434,6 @@ fn shed_reason(b: &Blocked, otherwise: ShedReason) -> ShedReason {
     }
 }
 
-/// Up to a tenth of the pause, at most one second: resumed requests do not all leave at once.
-fn jitter(pause: Nanos) -> Nanos {
-    let max = (pause / 10).min(1_000_000_000);
-    if max == 0 {
-        0
-    } else {
-        rand::random::<u64>() % max
-    }
-}
-
-fn signature(demand: &Demand, pause: &Option<PauseKey>) -> u64 {
-    let mut h = DefaultHasher::new();
-    demand.layers.hash(&mut h);
-    demand.reserved.hash(&mut h);
-    demand.priority.hash(&mut h);
-    pause.hash(&mut h);
-    h.finish()
-}
-
-fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
-}
-
 /// `RateLimit-Policy` and `RateLimit` (IETF httpapi draft syntax) for a layer that refused;
 /// none when no layer did (an upstream pause names no limit of pacer's).
 fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
@@ -567,236 +452,6 @@ fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
         None => format!("\"{}\";q={quota}", spec.name),
     };
     Some((policy, format!("\"{}\";r=0;t={reset}", spec.name)))
-}
-
-/// Header values describing the room left in one layer.
-pub fn headroom_headers(set: &LimitSet, h: &Headroom) -> (String, String) {
-    let spec = &set.specs[h.limit];
-    (
-        format!(
-            "\"{}\";q={};w={}",
-            spec.name,
-            h.quota,
-            spec.per.as_secs().max(1)
-        ),
-        format!(
-            "\"{}\";r={};t={}",
-            spec.name,
-            h.remaining,
-            ceil_secs(h.reset)
-        ),
-    )
-}
-
-/// Removes a waiter whose caller gave up (timeout or disconnect).
-struct WaiterGuard {
-    shared: Arc<Shared>,
-    key: Option<(usize, u64)>,
-}
-
-impl WaiterGuard {
-    fn take(&mut self) -> Option<Waiter> {
-        let key = self.key.take()?;
-        let removed = self.shared.lock().remove_waiter(key);
-        removed
-    }
-}
-
-impl Drop for WaiterGuard {
-    fn drop(&mut self) {
-        // Dropped outside the lock: the waiter owns nothing but its channel.
-        drop(self.take());
-    }
-}
-
-/// Room reserved for one request in every layer it matches.
-pub struct Reservation {
-    shared: Arc<Shared>,
-    taken: Option<Taken>,
-    headroom: Option<Headroom>,
-    waited: Duration,
-}
-
-impl Reservation {
-    fn new(shared: Arc<Shared>, grant: Grant, waited: Duration) -> Self {
-        Reservation {
-            shared,
-            taken: Some(grant.taken),
-            headroom: grant.headroom,
-            waited,
-        }
-    }
-
-    /// How long the request waited in the queue.
-    pub fn waited(&self) -> Duration {
-        self.waited
-    }
-
-    /// `RateLimit-Policy` and `RateLimit` values for the tightest layer.
-    pub fn headers(&self) -> Option<(String, String)> {
-        self.headroom
-            .as_ref()
-            .map(|h| headroom_headers(&self.shared.set, h))
-    }
-
-    /// The request is being sent: its sends stay counted; concurrency is held by the
-    /// returned permit until the response is done.
-    pub fn commit(mut self) -> Permit {
-        Permit {
-            shared: self.shared.clone(),
-            taken: self.taken.take(),
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if let Some(taken) = self.taken.take() {
-            self.shared.backend.refund(&taken);
-            self.shared.wake.notify_one();
-        }
-    }
-}
-
-/// Concurrency held by a request in flight; released on drop.
-pub struct Permit {
-    shared: Arc<Shared>,
-    taken: Option<Taken>,
-}
-
-impl Permit {
-    /// The upstream has begun to answer: count the send from now (see `Ledger::resend`).
-    pub fn answered(&self) {
-        if let Some(taken) = &self.taken {
-            self.shared.backend.answered(taken);
-        }
-    }
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        if let Some(taken) = self.taken.take() {
-            let holds = taken
-                .layers
-                .iter()
-                .any(|l| self.shared.set.specs[l.limit].concurrency.is_some());
-            self.shared.backend.release(&taken);
-            if holds {
-                self.shared.wake.notify_one();
-            }
-        }
-    }
-}
-
-/// Admits waiters in priority then arrival order whenever room may have appeared: on a
-/// release or refund, a new waiter, or the earliest time a blocked layer opens.
-async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
-    let mut last_sweep = Instant::now();
-    loop {
-        let next = {
-            let Some(shared) = shared.upgrade() else {
-                return;
-            };
-            if last_sweep.elapsed() > Duration::from_secs(10) {
-                shared.backend.sweep();
-                let now = shared.clock.now();
-                shared.lock().pauses.retain(|_, until| *until > now);
-                shared.reserve.prune(now);
-                last_sweep = Instant::now();
-            }
-            drain(&shared).await.map(|at| shared.clock.instant(at))
-        };
-        match next {
-            Some(at) => {
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep_until(at) => {}
-                }
-            }
-            None => wake.notified().await,
-        }
-    }
-}
-
-struct Candidate {
-    key: (usize, u64),
-    signature: u64,
-    demand: Arc<Demand>,
-    pause: Option<PauseKey>,
-    not_before: Nanos,
-}
-
-/// One pass over the waiters; returns when to look again.
-async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
-    let candidates: Vec<Candidate> = {
-        let mut state = shared.lock();
-        let closed: Vec<(usize, u64)> = state
-            .waiters
-            .iter()
-            .filter(|(_, w)| w.tx.is_closed())
-            .map(|(k, _)| *k)
-            .collect();
-        for key in closed {
-            state.remove_waiter(key);
-        }
-        state
-            .waiters
-            .iter()
-            .map(|(key, w)| Candidate {
-                key: *key,
-                signature: w.signature,
-                demand: w.demand.clone(),
-                pause: w.pause.clone(),
-                not_before: w.not_before,
-            })
-            .collect()
-    };
-    let mut next: Option<Nanos> = None;
-    let mut soonest = |t: Nanos| next = Some(next.map_or(t, |n: Nanos| n.min(t)));
-    let mut blocked: HashSet<u64> = HashSet::new();
-    for c in candidates {
-        if blocked.contains(&c.signature) {
-            continue;
-        }
-        let now = shared.clock.now();
-        let paused = shared.lock().paused_until(&c.pause, now);
-        let not_before = paused.unwrap_or(0).max(c.not_before);
-        if not_before > now {
-            soonest(not_before);
-            blocked.insert(c.signature);
-            continue;
-        }
-        let zeros = vec![0; c.demand.layers.len()];
-        let demand = shared.redecide(c.demand.clone(), now);
-        match shared.take(demand, zeros, c.pause.as_ref()).await {
-            Ok(grant) => {
-                let waiter = shared.lock().remove_waiter(c.key);
-                let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO);
-                // A caller that left meanwhile drops it here, outside the lock: refunded.
-                if let Some(w) = waiter {
-                    let _ = w.tx.send(reservation);
-                }
-            }
-            Err(b) => {
-                blocked.insert(c.signature);
-                match b.wait {
-                    Some(wait) => soonest(now + wait.max(1)),
-                    None => {
-                        if let Some(retry) = shared.backend.concurrency_retry() {
-                            soonest(
-                                now + retry.as_nanos() as Nanos
-                                    + jitter(retry.as_nanos() as Nanos * 5),
-                            );
-                        }
-                    }
-                }
-                if let Some(w) = shared.lock().waiters.get_mut(&c.key) {
-                    w.last_blocked = Some(b);
-                }
-            }
-        }
-    }
-    next
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::limit::Taken;
 use http::Method;
 
 fn admission(limits: &str) -> Admission {

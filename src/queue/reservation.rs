@@ -1,0 +1,114 @@
+//! Reservation: room a request holds in every layer it matches. Reservations are RAII: a
+//! [`Reservation`] dropped before [`Reservation::commit`] (the caller went away, the request
+//! was refused) gives everything back; a [`Permit`] holds concurrency until the response is
+//! done. Either wakes the scheduler when it frees room.
+
+use super::Shared;
+use crate::limit::{Headroom, LimitSet, Taken};
+use crate::state::Grant;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Room reserved for one request in every layer it matches.
+pub struct Reservation {
+    shared: Arc<Shared>,
+    taken: Option<Taken>,
+    headroom: Option<Headroom>,
+    /// Set by the queue once the request is admitted.
+    pub(super) waited: Duration,
+}
+
+impl Reservation {
+    pub(super) fn new(shared: Arc<Shared>, grant: Grant, waited: Duration) -> Self {
+        Reservation {
+            shared,
+            taken: Some(grant.taken),
+            headroom: grant.headroom,
+            waited,
+        }
+    }
+
+    /// How long the request waited in the queue.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` values for the tightest layer.
+    pub fn headers(&self) -> Option<(String, String)> {
+        self.headroom
+            .as_ref()
+            .map(|h| headroom_headers(&self.shared.set, h))
+    }
+
+    /// The request is being sent: its sends stay counted; concurrency is held by the
+    /// returned permit until the response is done.
+    pub fn commit(mut self) -> Permit {
+        Permit {
+            shared: self.shared.clone(),
+            taken: self.taken.take(),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            self.shared.backend.refund(&taken);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// Concurrency held by a request in flight; released on drop.
+pub struct Permit {
+    shared: Arc<Shared>,
+    taken: Option<Taken>,
+}
+
+impl Permit {
+    /// The upstream has begun to answer: count the send from now (see `Ledger::resend`).
+    pub fn answered(&self) {
+        if let Some(taken) = &self.taken {
+            self.shared.backend.answered(taken);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            let holds = taken
+                .layers
+                .iter()
+                .any(|l| self.shared.set.specs[l.limit].concurrency.is_some());
+            self.shared.backend.release(&taken);
+            if holds {
+                self.shared.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// Header values describing the room left in one layer.
+pub fn headroom_headers(set: &LimitSet, h: &Headroom) -> (String, String) {
+    let spec = &set.specs[h.limit];
+    (
+        format!(
+            "\"{}\";q={};w={}",
+            spec.name,
+            h.quota,
+            spec.per.as_secs().max(1)
+        ),
+        format!(
+            "\"{}\";r={};t={}",
+            spec.name,
+            h.remaining,
+            ceil_secs(h.reset)
+        ),
+    )
+}
+
+/// Whole seconds, rounded up.
+pub(super) fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
