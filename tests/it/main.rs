@@ -23,3 +23,4 @@ mod sim;
 mod slow_peers;
 mod smuggling;
 mod soak;
+mod workers;
