@@ -5,8 +5,8 @@
 //! request was sent, so "at most N in any window of length W, at any offset" holds exactly.
 //!
 //! Memory: a plain log costs N timestamps per key (2.4 KB for 300/min). To bound that for
-//! large N, sends that fall within `W / RESOLUTION_STEPS` of each other share one slot whose
-//! time is the *latest* of them: a slot may only expire later than its members would, never
+//! large N, sends that fall within `W / RESOLUTION_STEPS` of a slot's first send share that
+//! slot, whose time is the *latest* of them: a slot may only expire later than its members would, never
 //! earlier, so the guarantee still holds; the price is at most 1/RESOLUTION_STEPS of the
 //! quota's throughput. A key therefore holds at most `min(N, RESOLUTION_STEPS + 1)` slots of
 //! 16 bytes.
@@ -35,6 +35,10 @@ struct Slot {
 pub struct SlidingLog {
     slots: VecDeque<Slot>,
     total: u64,
+    /// Time of the first send in the last slot: a send joins that slot only within one
+    /// resolution step of it, so a steady stream cannot keep one slot open (and its whole
+    /// count unexpired) for ever.
+    back_start: Nanos,
 }
 
 impl SlidingLog {
@@ -94,11 +98,15 @@ impl SlidingLog {
         }
         let resolution = window / RESOLUTION_STEPS;
         match self.slots.back_mut() {
-            Some(last) if now <= last.at.saturating_add(resolution) => {
+            // Within a step of the slot's first send, or a late clock reading (see above).
+            Some(last) if now <= self.back_start.saturating_add(resolution) || now <= last.at => {
                 last.at = last.at.max(now);
                 last.count = last.count.saturating_add(n);
             }
-            _ => self.slots.push_back(Slot { at: now, count: n }),
+            _ => {
+                self.slots.push_back(Slot { at: now, count: n });
+                self.back_start = now;
+            }
         }
         self.total = self.total.saturating_add(n);
     }
@@ -114,6 +122,10 @@ impl SlidingLog {
             self.total = self.total.saturating_sub(1);
             if slot.count == 0 {
                 self.slots.remove(idx);
+                if idx == self.slots.len() {
+                    // The last slot is gone: the one before it is closed to new sends.
+                    self.back_start = 0;
+                }
             }
         }
     }
@@ -181,6 +193,24 @@ mod tests {
         assert_eq!(log.count(), u64::MAX - 1);
         log.evict(11 * S, w);
         assert!(log.is_empty() && log.count() == 0);
+    }
+
+    #[test]
+    fn a_steady_stream_expires_slot_by_slot() {
+        // 300 per minute, one send every 200 ms: sends closer than a step (234 ms) share a
+        // slot, but no slot spans more than a step, so the oldest sends expire on time.
+        let mut log = SlidingLog::new();
+        let w = 60 * S;
+        let gap = S / 5;
+        for i in 0..300 {
+            log.evict(i * gap, w);
+            assert_eq!(log.wait_for_room(i * gap, w, 300), 0, "send {i}");
+            log.record(i * gap, w);
+        }
+        assert!(log.entries().count() >= 128, "{}", log.entries().count());
+        log.evict(w, w);
+        let wait = log.wait_for_room(w, w, 300);
+        assert!(wait <= w / RESOLUTION_STEPS, "waits {wait} ns for room");
     }
 
     #[test]
