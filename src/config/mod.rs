@@ -245,7 +245,7 @@ impl Default for ServerConfig {
             max_body_bytes: 10 * 1024 * 1024,
             buffer_body_bytes: 64 * 1024,
             max_header_bytes: 32 * 1024,
-            max_headers: 100,
+            max_headers: 64,
             header_read_timeout: Dur::secs(10),
             tls: None,
             trusted_proxies: Vec::new(),
