@@ -104,6 +104,11 @@ impl SlidingLog {
                 last.count = last.count.saturating_add(n);
             }
             _ => {
+                if self.slots.len() == self.slots.capacity() {
+                    // Grow by an eighth rather than doubling: a key at full use keeps a log
+                    // near its real size (150 slots for 300/min at a steady pace, not 256).
+                    self.slots.reserve_exact((self.slots.len() / 8).max(4));
+                }
                 self.slots.push_back(Slot { at: now, count: n });
                 self.back_start = now;
             }
