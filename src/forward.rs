@@ -1,10 +1,10 @@
 //! Forwarding to an upstream: one pooled hyper-util client per upstream (rustls, ALPN
 //! h2/http1.1), streaming bodies both ways, hop-by-hop hygiene, timeouts mapped to answers.
 
+use crate::admit::{Admitted, Answering};
 use crate::answer::{BoxError, ProxyBody};
 use crate::config::{Cidr, UpstreamConfig};
 use crate::error::{ErrorKind, ProxyError};
-use crate::admit::{Admitted, Answering};
 use crate::identity::TokenResolver;
 use crate::metrics::Metrics;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

@@ -6,9 +6,7 @@
 //! not possible the caller is limited under a key derived from the token's hash.
 
 use crate::answer::{collect_limited, full, ProxyBody};
-use crate::config::{
-    Cidr, ClientConfig, IdentityConfig, IdentitySource, Priority, UnknownClients,
-};
+use crate::config::{Cidr, ClientConfig, IdentityConfig, IdentitySource, Priority, UnknownClients};
 use crate::error::{ErrorKind, ProxyError};
 use crate::route::{Allowed, Routed};
 use crate::server::client_ip;

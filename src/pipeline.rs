@@ -44,15 +44,14 @@ impl Pipeline {
     pub async fn handle(&self, req: Request<ProxyBody>, conn: ConnInfo) -> Response<ProxyBody> {
         let mut labels = RequestLabels::default();
         let method = req.method().clone();
-        let result = match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels))
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ProxyError::new(
-                ErrorKind::UpstreamTimeout,
-                "no answer within request_deadline",
-            )),
-        };
+        let result =
+            match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels)).await {
+                Ok(r) => r,
+                Err(_) => Err(ProxyError::new(
+                    ErrorKind::UpstreamTimeout,
+                    "no answer within request_deadline",
+                )),
+            };
         let outcome = match &result {
             Ok((_, outcome)) => *outcome,
             Err(e) if e.is_shed() => Outcome::Shed,

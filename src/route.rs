@@ -69,12 +69,13 @@ impl RouteTable {
             let inbound_auth = match &c.inbound_auth {
                 None => None,
                 Some(a) => {
-                    let header = http::HeaderName::from_bytes(a.header.as_bytes()).map_err(|_| {
-                        RouteSetupError::BadHeader {
-                            prefix: c.prefix.clone(),
-                            header: a.header.clone(),
-                        }
-                    })?;
+                    let header =
+                        http::HeaderName::from_bytes(a.header.as_bytes()).map_err(|_| {
+                            RouteSetupError::BadHeader {
+                                prefix: c.prefix.clone(),
+                                header: a.header.clone(),
+                            }
+                        })?;
                     Some((header, a.keys.clone()))
                 }
             };
@@ -254,8 +255,8 @@ mod tests {
         assert_eq!((m.route.upstream, m.path.as_str()), (0, "/ivrx/a"));
         let m = t.find("/oauth/token").unwrap();
         assert_eq!((m.route.upstream, m.path.as_str()), (2, "/oauth/token"));
-        let only = RouteTable::new(&[route("/crm/", "crm", true)], |n| Some((0, Arc::from(n))))
-            .unwrap();
+        let only =
+            RouteTable::new(&[route("/crm/", "crm", true)], |n| Some((0, Arc::from(n)))).unwrap();
         assert!(only.find("/api/v2/users").is_none());
         // A name that does not resolve is an error, not the first upstream.
         let err = RouteTable::new(&[route("/crm/", "crm", true)], |_| None).unwrap_err();

@@ -485,7 +485,7 @@ async fn scenario(fault: Fault) {
             .with_env_filter("pacer=debug,redis_faults=info")
             .try_init();
     }
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let proxy = Arc::new(FaultProxy::start(redis.addr()));
     let url = if fault.through_proxy() {
         proxy.url()
@@ -569,7 +569,7 @@ async fn scenario(fault: Fault) {
 
     // Remove the fault.
     match fault {
-        Fault::Down => redis.restart(),
+        Fault::Down => redis.restart().await,
         Fault::Blackhole | Fault::Slow | Fault::Partition => proxy.set(Mode::Pass),
         Fault::Oom => {
             assert_eq!(redis.cli(&["config", "set", "maxmemory", "0"]), "OK");
