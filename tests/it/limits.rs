@@ -117,11 +117,7 @@ async fn greedy_step(
     token: &str,
     t: &mut Tally,
 ) -> Option<(u64, Option<String>)> {
-    let req = client
-        .request(Method::GET, "/api/v2/users")
-        .header("authorization", format!("Bearer {token}"))
-        .body(empty())
-        .unwrap();
+    let req = client.get_as("/api/v2/users", &token);
     let shed = send_counted(client, req, t).await;
     if let Some((ra, _)) = &shed {
         tokio::time::sleep(Duration::from_secs(*ra).min(Duration::from_millis(100))).await;
@@ -386,11 +382,7 @@ async fn critical_traffic_is_never_shed_under_bulk_flood() {
         let mut tick = tokio::time::interval(CRITICAL_EVERY);
         while started.elapsed() < RUN {
             tick.tick().await;
-            let req = client
-                .request(Method::GET, "/ivr/api/v2/conversations")
-                .header("authorization", format!("Bearer {token}"))
-                .body(empty())
-                .unwrap();
+            let req = client.get_as("/ivr/api/v2/conversations", &token);
             let sent_at = Instant::now();
             send_counted(&client, req, &mut critical).await;
             latencies.push(sent_at.elapsed());
@@ -643,11 +635,7 @@ async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
                 let mut tick = tokio::time::interval(Duration::from_millis(500));
                 while !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
-                    let req = client
-                        .request(Method::GET, "/ivr/api/v2/conversations")
-                        .header("authorization", format!("Bearer {token}"))
-                        .body(empty())
-                        .unwrap();
+                    let req = client.get_as("/ivr/api/v2/conversations", &token);
                     send_counted(&client, req, &mut t).await;
                 }
                 t
@@ -1081,11 +1069,7 @@ async fn upstream_429_pauses_the_client() {
                 let mut t = Tally::default();
                 let mut reasons = BTreeMap::<String, u64>::new();
                 while !stop.load(Ordering::Relaxed) {
-                    let req = client
-                        .request(Method::GET, "/api/v2/users")
-                        .header("authorization", format!("Bearer {token}"))
-                        .body(empty())
-                        .unwrap();
+                    let req = client.get_as("/api/v2/users", &token);
                     match send_counted(&client, req, &mut t).await {
                         Some((ra, None)) => {
                             first_429.send_if_modified(|v| {

@@ -1,8 +1,8 @@
 //! A `redis-server` of the test's own on a free loopback port (so a test can also kill
 //! it), and the load and status helpers the tests of pacer over Redis share.
 
-use super::{empty, TestClient};
-use http::{Method, StatusCode};
+use super::TestClient;
+use http::StatusCode;
 use http_body_util::BodyExt;
 use pacer::app::Running;
 use pacer::sim::{SimConfig, Simulator};
@@ -283,11 +283,7 @@ pub fn greedy(
             );
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let req = client
-                        .request(Method::GET, "/api/v2/users")
-                        .header("authorization", format!("Bearer {token}"))
-                        .body(empty())
-                        .unwrap();
+                    let req = client.get_as("/api/v2/users", &token);
                     match client.send_streaming_result(req).await {
                         Ok(resp) => {
                             let status = resp.status();
