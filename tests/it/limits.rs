@@ -117,7 +117,7 @@ async fn greedy_step(
     token: &str,
     t: &mut Tally,
 ) -> Option<(u64, Option<String>)> {
-    let req = client.get_as("/api/v2/users", &token);
+    let req = client.get_as("/api/v2/users", token);
     let shed = send_counted(client, req, t).await;
     if let Some((ra, _)) = &shed {
         tokio::time::sleep(Duration::from_secs(*ra).min(Duration::from_millis(100))).await;
