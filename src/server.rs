@@ -729,3 +729,6 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for StallGuard<I> {
         this.check(polled, cx)
     }
 }
+
+#[cfg(test)]
+mod tests;

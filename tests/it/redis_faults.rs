@@ -12,8 +12,8 @@
 //! again (`evalsha` calls increase, keys appear under the prefix).
 
 use crate::support::redis::{one_client_sim, shared_limit_config, status, wait_up, RedisServer};
-use crate::support::{empty, serial, token_via, TestClient};
-use http::{Method, StatusCode};
+use crate::support::{serial, token_via, TestClient};
+use http::StatusCode;
 use http_body_util::BodyExt;
 use pacer::sim::Simulator;
 use std::future::Future;
@@ -325,11 +325,7 @@ impl Load {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 while !stop.load(Ordering::Relaxed) {
                     tick.tick().await;
-                    let req = client
-                        .request(Method::GET, "/api/v2/users")
-                        .header("authorization", format!("Bearer {token}"))
-                        .body(empty())
-                        .unwrap();
+                    let req = client.get_as("/api/v2/users", &token);
                     let sent = Instant::now();
                     let answer = tokio::time::timeout(Duration::from_secs(5), async {
                         let resp = client.send_streaming_result(req).await.ok()?;
@@ -485,7 +481,7 @@ async fn scenario(fault: Fault) {
             .with_env_filter("pacer=debug,redis_faults=info")
             .try_init();
     }
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let proxy = Arc::new(FaultProxy::start(redis.addr()));
     let url = if fault.through_proxy() {
         proxy.url()
@@ -569,7 +565,7 @@ async fn scenario(fault: Fault) {
 
     // Remove the fault.
     match fault {
-        Fault::Down => redis.restart(),
+        Fault::Down => redis.restart().await,
         Fault::Blackhole | Fault::Slow | Fault::Partition => proxy.set(Mode::Pass),
         Fault::Oom => {
             assert_eq!(redis.cli(&["config", "set", "maxmemory", "0"]), "OK");

@@ -6,16 +6,17 @@
 //! them the tests print a notice and pass, unless `CI` is set, where they fail.
 
 use crate::support::redis::{
-    cli, greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, Tally,
+    cli, greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, RedisProc,
+    Tally,
 };
 use crate::support::{free_port, serial, token_via, TestClient};
 use http::StatusCode;
 use pacer::app::Running;
 use pacer::sim::Simulator;
 use std::future::Future;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,99 +68,41 @@ fn tools_present(test: &str) -> bool {
     false
 }
 
-fn wait_for_port(port: u16, what: &str) {
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{what} on port {port} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A Redis process of the test's own; killed on drop.
-struct Proc {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(program: &str, args: &[String], port: u16) -> Proc {
-        let child = Command::new(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
-        let p = Proc {
-            port,
-            child: Some(child),
-        };
-        wait_for_port(port, program);
-        p
-    }
-
-    /// A plain `redis-server` on `port`, with extra arguments.
-    fn server(port: u16, dir: &Path, extra: &[&str]) -> Proc {
-        let mut args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            dir.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn("redis-server", &args, port)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// A plain `redis-server` on `port` keeping its files in `dir`, with extra arguments.
+async fn server(port: u16, dir: &Path, extra: &[&str]) -> RedisProc {
+    let port_arg = port.to_string();
+    let listen = ["--port", &port_arg, "--dir", dir.to_str().unwrap()];
+    RedisProc::server(port, &listen, extra).await
 }
 
 /// A three-primary Redis Cluster on loopback.
 struct Cluster {
-    nodes: Vec<Proc>,
+    nodes: Vec<RedisProc>,
     dir: PathBuf,
 }
 
 impl Cluster {
-    fn start() -> Cluster {
+    async fn start() -> Cluster {
         let dir = crate::support::unique_temp_dir("cluster");
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let port = free_port();
             let conf = dir.join(format!("nodes-{port}.conf"));
-            nodes.push(Proc::server(
-                port,
-                &dir,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    conf.to_str().unwrap(),
-                    "--cluster-node-timeout",
-                    "5000",
-                ],
-            ));
+            nodes.push(
+                server(
+                    port,
+                    &dir,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        conf.to_str().unwrap(),
+                        "--cluster-node-timeout",
+                        "5000",
+                    ],
+                )
+                .await,
+            );
         }
         let addrs: Vec<String> = nodes
             .iter()
@@ -184,7 +127,7 @@ impl Cluster {
                     started.elapsed() < Duration::from_secs(30),
                     "cluster never reached cluster_state:ok"
                 );
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         Cluster { nodes, dir }
@@ -208,7 +151,7 @@ impl Drop for Cluster {
 }
 
 /// A Sentinel monitoring `master` at 127.0.0.1:`master_port`, quorum 1.
-fn sentinel(dir: &Path, master_port: u16) -> Proc {
+async fn sentinel(dir: &Path, master_port: u16) -> RedisProc {
     let port = free_port();
     let conf = dir.join(format!("sentinel-{port}.conf"));
     std::fs::write(
@@ -224,9 +167,9 @@ fn sentinel(dir: &Path, master_port: u16) -> Proc {
     .unwrap();
     let conf = conf.to_str().unwrap().to_string();
     if runs("redis-sentinel", &["--version"]) {
-        Proc::spawn("redis-sentinel", &[conf], port)
+        RedisProc::spawn("redis-sentinel", &[conf], port).await
     } else {
-        Proc::spawn("redis-server", &[conf, "--sentinel".into()], port)
+        RedisProc::spawn("redis-server", &[conf, "--sentinel".into()], port).await
     }
 }
 
@@ -288,7 +231,7 @@ async fn two_replicas_share_one_quota_through_a_redis_cluster() {
     }
     let _serial = serial().await;
     bounded("cluster", async {
-        let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+        let cluster = Cluster::start().await;
         let sim = sim().await;
         let state = format!(
             "mode = \"cluster\"\nnodes = {}\nkey_prefix = \"pacer-cluster\"",
@@ -380,8 +323,8 @@ async fn admissions_go_to_the_primary_a_sentinel_names() {
     let _serial = serial().await;
     bounded("sentinel", async {
         let dir = crate::support::unique_temp_dir("sentinel");
-        let master = Proc::server(free_port(), &dir, &[]);
-        let sentinel = sentinel(&dir, master.port);
+        let master = server(free_port(), &dir, &[]).await;
+        let sentinel = sentinel(&dir, master.port).await;
         let sim = sim().await;
         let state = format!(
             "mode = \"sentinel\"\nnodes = [\"redis://127.0.0.1:{}\"]\nmaster = \"mymaster\"",
@@ -416,14 +359,15 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
     let _serial = serial().await;
     bounded("sentinel failover", async {
         let dir = crate::support::unique_temp_dir("failover");
-        let mut master = Proc::server(free_port(), &dir, &[]);
+        let mut master = server(free_port(), &dir, &[]).await;
         let replica_port = free_port();
         let master_port = master.port.to_string();
-        let replica = Proc::server(
+        let replica = server(
             replica_port,
             &dir,
             &["--replicaof", "127.0.0.1", &master_port],
-        );
+        )
+        .await;
         let started = Instant::now();
         while !cli(master.port, &["info", "replication"]).contains("connected_slaves:1") {
             assert!(
@@ -432,7 +376,7 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let sentinel = sentinel(&dir, master.port);
+        let sentinel = sentinel(&dir, master.port).await;
         let sim = sim().await;
         let state = format!(
             "mode = \"sentinel\"\nnodes = [\"redis://127.0.0.1:{}\"]\nmaster = \"mymaster\"",

@@ -1,5 +1,9 @@
 //! Slow and silent peers on both sides: each is cut off by its timeout with a clear
 //! answer or a closed connection, never a hang, while a second client keeps being served.
+//!
+//! Over real sockets these tests prove that a limit is applied (pacer waited at least the
+//! timeout, then ended the exchange) with generous hang bounds; that each limit fires at
+//! exactly its configured moment is proved under paused time in `src/server/tests.rs`.
 
 use crate::support::*;
 use http::{Method, StatusCode};
@@ -50,6 +54,10 @@ async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Result<Vec<u8>
     }
 }
 
+/// How long a test waits for pacer to end an exchange before calling it a hang: far
+/// above every timeout configured here, so that a loaded machine cannot reach it.
+const HANG: Duration = Duration::from_secs(10);
+
 fn show(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..bytes.len().min(2000)]).into_owned()
 }
@@ -64,13 +72,10 @@ async fn silent_client_is_closed_after_header_read_timeout() {
 
         let started = Instant::now();
         let mut s = TcpStream::connect(pacer.proxy_addr).await.expect("connect");
-        let got = read_until_closed(&mut s, Duration::from_secs(5)).await;
+        let got = read_until_closed(&mut s, HANG).await;
         let took = started.elapsed();
-        assert!(got.is_ok(), "still open after 5s");
-        assert!(
-            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-            "closed after {took:?}"
-        );
+        assert!(got.is_ok(), "still open after {HANG:?}");
+        assert!(took >= Duration::from_millis(900), "closed after {took:?}");
         bystander.assert_served().await;
         // Only the bystander's requests reached an upstream.
         assert!(good.records().iter().all(|r| r.uri == "/ok/ping"));
@@ -107,7 +112,7 @@ async fn trickled_headers_are_cut_off_by_header_read_timeout() {
         });
         let mut buf = [0u8; 4096];
         let mut answer = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        let closed = tokio::time::timeout(HANG, async {
             loop {
                 match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
@@ -117,8 +122,12 @@ async fn trickled_headers_are_cut_off_by_header_read_timeout() {
         })
         .await;
         let took = started.elapsed();
-        assert!(closed.is_ok(), "still open after 5s: {}", show(&answer));
-        assert!(took < Duration::from_secs(3), "closed after {took:?}");
+        assert!(
+            closed.is_ok(),
+            "still open after {HANG:?}: {}",
+            show(&answer)
+        );
+        assert!(took >= Duration::from_millis(900), "closed after {took:?}");
         // Whatever came back is no success.
         assert!(
             response_statuses(&answer).iter().all(|s| *s >= 400),
@@ -161,7 +170,7 @@ async fn slow_upload_is_aborted_after_body_idle_timeout() {
         });
         let mut answer = Vec::new();
         let mut buf = [0u8; 4096];
-        let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        let closed = tokio::time::timeout(HANG, async {
             loop {
                 match rd.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
@@ -172,8 +181,12 @@ async fn slow_upload_is_aborted_after_body_idle_timeout() {
         .await;
         let took = started.elapsed();
         writer.abort();
-        assert!(closed.is_ok(), "still open after 6s: {}", show(&answer));
-        assert!(took < Duration::from_secs(4), "closed after {took:?}");
+        assert!(
+            closed.is_ok(),
+            "still open after {HANG:?}: {}",
+            show(&answer)
+        );
+        assert!(took >= Duration::from_millis(900), "closed after {took:?}");
         // The client is still there to read it: pacer's own 408.
         let statuses = response_statuses(&answer);
         assert_eq!(statuses, [408], "{}", show(&answer));
@@ -218,7 +231,7 @@ async fn stalled_download(pacer: &pacer::app::Running, stall_for: Duration) -> (
     }
     let growth = peak.get().saturating_sub(base);
     // Now drain: only what was buffered before pacer gave up arrives, then the end.
-    let rest = read_until_closed(&mut s, Duration::from_secs(3))
+    let rest = read_until_closed(&mut s, HANG)
         .await
         .map_err(|r| r.len())
         .expect("pacer did not close the stalled download");
@@ -283,43 +296,27 @@ async fn upstream_that_never_answers_is_504() {
             .await
             .assert_pacer_error(StatusCode::GATEWAY_TIMEOUT);
         let took = started.elapsed();
-        assert!(
-            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(900), "{took:?}");
         assert_eq!(bad.count(), 1);
         bystander.assert_served().await;
     })
     .await;
 }
 
-/// Sends `GET /api/...` and reads the answer's body: it must end with an error soon,
-/// never cleanly and never hang.
-async fn body_must_break(pacer: &pacer::app::Running, path: &str, within_: Duration) {
+/// Sends `GET /api/...` and reads the answer's body: it must end with an error, never
+/// cleanly and never hang.
+async fn body_must_break(pacer: &pacer::app::Running, path: &str) {
     let client = TestClient::http1(pacer.proxy_addr);
     let req = client
         .request(Method::GET, path)
         .body(empty())
         .expect("request");
-    let started = Instant::now();
-    let resp = client.send_streaming(req).await;
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(
-        resp.headers()
-            .get("content-length")
-            .and_then(|v| v.to_str().ok()),
-        Some("1048576")
-    );
-    let got = tokio::time::timeout(
-        Duration::from_secs(10),
-        count_body(resp.into_body(), |_| {}),
-    )
-    .await
-    .expect("the body hung");
-    let took = started.elapsed();
-    match got {
-        Ok(n) => panic!("the body ended cleanly after {n} bytes"),
-        Err(e) => assert!(took < within_, "body error after {took:?}: {e}"),
+    let body = client.download(req, 1024 * 1024).await;
+    let got = tokio::time::timeout(HANG, count_body(body, |_| {}))
+        .await
+        .expect("the body hung");
+    if let Ok(n) = got {
+        panic!("the body ended cleanly after {n} bytes");
     }
 }
 
@@ -331,7 +328,7 @@ async fn upstream_stalling_mid_body_breaks_the_clients_body() {
         let bad = RawUpstream::start(RawMode::HeadThenStall).await;
         let pacer = pacer_with("", &bad.url(), "", &good).await;
         let bystander = Bystander::start(pacer.proxy_addr, "/ok/ping");
-        body_must_break(&pacer, "/api/stall", Duration::from_secs(4)).await;
+        body_must_break(&pacer, "/api/stall").await;
         bystander.assert_served().await;
     })
     .await;
@@ -345,7 +342,7 @@ async fn upstream_reset_mid_body_breaks_the_clients_body() {
         let bad = RawUpstream::start(RawMode::ResetMidBody).await;
         let pacer = pacer_with("", &bad.url(), "", &good).await;
         let bystander = Bystander::start(pacer.proxy_addr, "/ok/ping");
-        body_must_break(&pacer, "/api/reset", Duration::from_secs(3)).await;
+        body_must_break(&pacer, "/api/reset").await;
         bystander.assert_served().await;
     })
     .await;
@@ -363,27 +360,22 @@ async fn old_connection_finishes_its_request_then_closes() {
         s.write_all(b"GET /api/slow HTTP/1.1\r\nHost: x\r\nX-Reply-Delay-Ms: 1500\r\n\r\n")
             .await
             .expect("write");
-        let got = read_until_closed(&mut s, Duration::from_secs(5))
+        let got = read_until_closed(&mut s, HANG)
             .await
             .expect("the old connection was never closed");
         let took = started.elapsed();
         assert_eq!(response_statuses(&got), [200], "{}", show(&got));
-        assert!(
-            took >= Duration::from_millis(1400) && took < Duration::from_secs(3),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(1400), "{took:?}");
 
         // An idle keep-alive connection is closed once it is old.
         let mut s = TcpStream::connect(pacer.proxy_addr).await.expect("connect");
         s.write_all(b"GET /api/one HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("write");
-        let started = Instant::now();
-        let got = read_until_closed(&mut s, Duration::from_secs(5))
+        let got = read_until_closed(&mut s, HANG)
             .await
             .expect("the idle old connection was never closed");
         assert_eq!(response_statuses(&got), [200], "{}", show(&got));
-        assert!(started.elapsed() < Duration::from_secs(3));
     })
     .await;
 }

@@ -134,6 +134,27 @@ impl TestClient {
             .uri(format!("{}{path}", self.base))
     }
 
+    /// `GET path` as the caller holding `token` (a bearer token), without a body.
+    pub fn get_as(&self, path: &str, token: &str) -> Request<TestBody> {
+        self.request(Method::GET, path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .expect("request")
+    }
+
+    /// Sends `req`, expects `200` announcing a body of `len` bytes, and returns that body
+    /// still streaming.
+    pub async fn download(&self, req: Request<TestBody>, len: u64) -> Incoming {
+        let resp = self.send_streaming(req).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let announced = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(announced, Some(len.to_string().as_str()));
+        resp.into_body()
+    }
+
     /// Sends and returns the response with its body still streaming.
     pub async fn send_streaming(&self, req: Request<TestBody>) -> Response<Incoming> {
         self.send_streaming_result(req)

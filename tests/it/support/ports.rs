@@ -51,7 +51,7 @@ pub fn reserved_addr() -> (SocketAddr, tokio::net::TcpSocket) {
 /// listening); fails after a generous 10 s.
 pub async fn wait_listening(addr: SocketAddr, what: &str) {
     let started = std::time::Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(10),
             "{what} did not start listening on {addr}"

@@ -1,67 +1,97 @@
 //! A `redis-server` of the test's own on a free loopback port (so a test can also kill
 //! it), and the load and status helpers the tests of pacer over Redis share.
 
-use super::{empty, TestClient};
-use http::{Method, StatusCode};
+use super::TestClient;
+use http::StatusCode;
 use http_body_util::BodyExt;
 use pacer::app::Running;
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` on a free loopback port, killed on drop.
-pub struct RedisServer {
+/// A Redis process of the test's own (a server, a cluster node, a Sentinel) listening on
+/// `port`; killed on drop.
+pub struct RedisProc {
     pub port: u16,
     child: Option<Child>,
 }
 
-impl RedisServer {
-    /// Starts one and waits until it accepts connections.
-    pub fn start() -> RedisServer {
-        let port = super::free_port();
-        let mut r = RedisServer { port, child: None };
-        r.restart();
-        r
-    }
-
-    /// Starts it (again) on the same port.
-    pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+impl RedisProc {
+    /// Starts `program args...` and waits (without blocking the runtime) until it accepts
+    /// connections on `port`.
+    pub async fn spawn(program: &str, args: &[String], port: u16) -> RedisProc {
+        let child = Command::new(program)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (.ci/run installs it)");
-        self.child = Some(child);
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .unwrap_or_else(|e| {
+                panic!("{program}: {e} (redis-server must be installed; .ci/run installs it)")
+            });
+        let p = RedisProc {
+            port,
+            child: Some(child),
+        };
+        super::wait_listening(SocketAddr::from(([127, 0, 0, 1], port)), program).await;
+        p
     }
 
-    /// Kills it (SIGKILL).
+    /// A plain `redis-server` on loopback keeping nothing on disk: `listen` names its
+    /// port(s) (`--port P`, or `--port 0 --tls-port P` and the TLS files), `extra` more
+    /// arguments; it is waited for on `port`.
+    pub async fn server(port: u16, listen: &[&str], extra: &[&str]) -> RedisProc {
+        let args: Vec<String> = listen
+            .iter()
+            .chain(&["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        RedisProc::spawn("redis-server", &args, port).await
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `redis-server` on a free loopback port that a test can kill and restart.
+pub struct RedisServer {
+    pub port: u16,
+    proc: Option<RedisProc>,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it accepts connections.
+    pub async fn start() -> RedisServer {
+        let port = super::free_port();
+        let mut r = RedisServer { port, proc: None };
+        r.restart().await;
+        r
+    }
+
+    /// Starts it (again) on the same port.
+    pub async fn restart(&mut self) {
+        let port = self.port.to_string();
+        self.proc = Some(RedisProc::server(self.port, &["--port", &port], &[]).await);
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        self.proc = None;
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -80,12 +110,6 @@ impl RedisServer {
     /// Script calls so far (`evalsha` + `eval`).
     pub fn script_calls(&self) -> u64 {
         script_calls(self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -259,11 +283,7 @@ pub fn greedy(
             );
             tasks.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let req = client
-                        .request(Method::GET, "/api/v2/users")
-                        .header("authorization", format!("Bearer {token}"))
-                        .body(empty())
-                        .unwrap();
+                    let req = client.get_as("/api/v2/users", &token);
                     match client.send_streaming_result(req).await {
                         Ok(resp) => {
                             let status = resp.status();
