@@ -684,16 +684,18 @@ async fn scenario(fault: Fault) {
         "{report}\nrecovery p99 {:?} > baseline p99 + timeout + slack {bound:?}",
         after.p99
     );
-    // The breaker skips Redis: near the baseline again while Redis still stalls.
+    // The breaker skips Redis: near the baseline again while Redis still stalls. A request
+    // that still asked Redis waits the whole timeout, so a median below three quarters of
+    // it above the baseline means most did not (with room for a loaded machine).
     if fault.stalls() {
-        let near = base.p50 + REDIS_TIMEOUT / 4;
+        let near = base.p50 + REDIS_TIMEOUT * 3 / 4;
         assert!(
             tail.p50 <= near,
             "{report}\nmedian at the end of the fault {:?} > {near:?}: Redis still asked",
             tail.p50
         );
         assert!(
-            tail.p99 < REDIS_TIMEOUT + base.p99,
+            tail.p99 < REDIS_TIMEOUT + base.p99 + SLACK / 3,
             "{report}\nrequests at the end of the fault still wait for the timeout"
         );
     }
