@@ -610,10 +610,12 @@ async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
             let u = s.utilization(id);
             eprintln!("no critical source: {id} utilization {u:.3}");
             total += u / ids.len() as f64;
-            assert!(u >= 0.95, "{id}: utilization {u:.3}");
+            // Without the fix a reserve nobody could use cost every client 20% (0.80); a
+            // loaded machine costs a few % of a 10 s run.
+            assert!(u >= 0.9, "{id}: utilization {u:.3}");
         }
         eprintln!("no critical source: mean utilization {total:.3}");
-        assert!(total >= 0.97, "mean utilization {total:.3}");
+        assert!(total >= 0.92, "mean utilization {total:.3}");
         assert_eq!(stats.total.too_many, 0, "upstream 429s: {stats:?}");
         assert_eq!(st["critical_reserve"]["learned_count"], 0, "{st}");
     })
@@ -696,7 +698,8 @@ async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
         for id in &ids[..3] {
             let u = s.utilization(id);
             eprintln!("critical route: {id} utilization {u:.3}");
-            assert!(u >= 0.97, "{id}: utilization {u:.3}");
+            // Keeping the reserve on their keys too would cap them at 0.75.
+            assert!(u >= 0.9, "{id}: utilization {u:.3}");
         }
         let shared = s.utilization("shared");
         eprintln!("critical route: shared (job + IVR) utilization {shared:.3}");
