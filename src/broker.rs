@@ -9,7 +9,6 @@
 
 use crate::answer::{collect_limited, full, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
-use crate::feedback::IssuedToken;
 use crate::identity::{is_token_path, Generations, Identified, TokenHash};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Response, StatusCode};
@@ -18,6 +17,43 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Longest lifetime believed from a token answer's `expires_in` (Genesys issues tokens
+/// for at most 24 h): the token broker hands a token out no longer than this.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// What pacer learns from a successful token answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssuedToken {
+    /// The whole answer, as JSON.
+    pub body: serde_json::Value,
+    pub access_token: String,
+    /// `expires_in`, at most [`MAX_TOKEN_LIFETIME`]; `None` when missing or not a
+    /// non-negative number (or a string of one).
+    pub lifetime: Option<Duration>,
+}
+
+/// Parses a token answer (`{"access_token": .., "expires_in": ..}`); `None` when it is
+/// not JSON with a string `access_token`. Nothing in it can panic or overflow pacer.
+pub fn issued_token(bytes: &[u8]) -> Option<IssuedToken> {
+    let body: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let access_token = body.get("access_token")?.as_str()?.to_string();
+    let secs = match body.get("expires_in") {
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    // `f64` covers integers, fractions and numeric strings alike; NaN and negatives fail
+    // the comparison, and the clamp comes before the conversion, which panics past u64.
+    let lifetime = secs
+        .filter(|s| *s >= 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(MAX_TOKEN_LIFETIME.as_secs_f64())));
+    Some(IssuedToken {
+        body,
+        access_token,
+        lifetime,
+    })
+}
 
 /// Token request bodies read to key the cache, at most.
 const MAX_BODY: usize = 64 * 1024;
@@ -78,7 +114,7 @@ impl TokenBroker {
         let Some(lifetime) = issued.lifetime else {
             return;
         };
-        // The lifetime is clamped already ([`crate::feedback::MAX_TOKEN_LIFETIME`]); an
+        // The lifetime is clamped already ([`MAX_TOKEN_LIFETIME`]); an
         // `Instant` that cannot be that far ahead still must not panic.
         let Some(expires) = Instant::now().checked_add(lifetime) else {
             return;
@@ -191,7 +227,7 @@ mod tests {
             b"grant_type=client_credentials",
         );
         assert!(b.get(&key).is_none());
-        let issued = |body: &[u8]| crate::feedback::issued_token(body).unwrap();
+        let issued = |body: &[u8]| issued_token(body).unwrap();
         b.put(
             key,
             issued(br#"{"access_token":"t","token_type":"bearer","expires_in":1000}"#),

@@ -4,6 +4,7 @@
 use crate::adaptive::{Adaptive, ClientKey};
 use crate::admit::Answering;
 use crate::answer::{collect_limited, full, ProxyBody};
+pub use crate::broker::{issued_token, IssuedToken, MAX_TOKEN_LIFETIME};
 use crate::broker::{Flight, TokenBroker};
 use crate::error::{ErrorKind, ProxyError};
 use crate::identity::{is_token_path, Caller, Identity};
@@ -19,10 +20,6 @@ const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 /// Longest pause an upstream may impose through one answer (`Retry-After`,
 /// `inin-ratelimit-reset`): longer values, however written, pause for this long.
 pub const MAX_PAUSE: Duration = Duration::from_secs(3600);
-
-/// Longest lifetime believed from a token answer's `expires_in` (Genesys issues tokens
-/// for at most 24 h): the token broker hands a token out no longer than this.
-pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// How long the upstream asked callers to wait: `Retry-After` in seconds or as an HTTP
 /// date, else `inin-ratelimit-reset` in seconds; at most [`MAX_PAUSE`]. A value that is
@@ -66,39 +63,6 @@ fn digits(v: &str) -> Option<Option<u64>> {
 pub fn upstream_count(headers: &HeaderMap) -> Option<u64> {
     let v = headers.get("inin-ratelimit-count")?.to_str().ok()?.trim();
     digits(v).map(|n| n.unwrap_or(u64::MAX))
-}
-
-/// What pacer learns from a successful token answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IssuedToken {
-    /// The whole answer, as JSON.
-    pub body: serde_json::Value,
-    pub access_token: String,
-    /// `expires_in`, at most [`MAX_TOKEN_LIFETIME`]; `None` when missing or not a
-    /// non-negative number (or a string of one).
-    pub lifetime: Option<Duration>,
-}
-
-/// Parses a token answer (`{"access_token": .., "expires_in": ..}`); `None` when it is
-/// not JSON with a string `access_token`. Nothing in it can panic or overflow pacer.
-pub fn issued_token(bytes: &[u8]) -> Option<IssuedToken> {
-    let body: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let access_token = body.get("access_token")?.as_str()?.to_string();
-    let secs = match body.get("expires_in") {
-        Some(serde_json::Value::Number(n)) => n.as_f64(),
-        Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    };
-    // `f64` covers integers, fractions and numeric strings alike; NaN and negatives fail
-    // the comparison, and the clamp comes before the conversion, which panics past u64.
-    let lifetime = secs
-        .filter(|s| *s >= 0.0)
-        .map(|s| Duration::from_secs_f64(s.min(MAX_TOKEN_LIFETIME.as_secs_f64())));
-    Some(IssuedToken {
-        body,
-        access_token,
-        lifetime,
-    })
 }
 
 /// Largest `inin-ratelimit-allowed` taken at face value; anything larger is no ceiling.

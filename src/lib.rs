@@ -3,31 +3,35 @@
 //! The request path reads top to bottom in one function, [`pipeline::Pipeline`]'s `run`:
 //! guard → route → access → buffer → identify → broker → admit (classify, quotas, queue) →
 //! forward → learn, each phase handing the next a typed request.
+//!
+//! Public: what the binary, the tests, the benches and the fuzz targets use (starting an
+//! instance, configuration, the simulator and demo, and the pieces they exercise directly);
+//! the rest is the crate's own.
 
-pub mod adaptive;
-pub mod admin;
+mod adaptive;
+mod admin;
 pub mod admit;
 pub mod answer;
 pub mod app;
 pub mod broker;
-pub mod buffer;
+mod buffer;
 pub mod config;
 pub mod demo;
 pub mod endpoint;
-pub mod error;
+mod error;
 pub mod feedback;
 pub mod forward;
-pub mod guard;
+mod guard;
 pub mod identity;
 pub mod limit;
 pub mod metrics;
 pub mod path;
-pub mod pipeline;
+mod pipeline;
 pub mod proxy;
 pub mod queue;
-pub mod reserve;
-pub mod route;
-pub mod server;
+mod reserve;
+mod route;
+mod server;
 pub mod sim;
 pub mod state;
-pub mod status;
+mod status;

@@ -405,7 +405,7 @@ fn describe(recorder: &PrometheusRecorder) {
     recorder.describe_histogram(
         name("pacer_queue_wait_seconds"),
         None,
-        text("Time admitted requests waited in the queue."),
+        text("Time pacer held admitted requests before sending them: waiting in the queue and asking the counter store."),
     );
     recorder.describe_histogram(
         name("pacer_upstream_duration_seconds"),

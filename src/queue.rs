@@ -281,7 +281,11 @@ impl Admission {
         let blocked = match paused {
             Some(_) => None,
             None => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
-                Ok(grant) => return Ok(Reservation::new(shared.clone(), grant, Duration::ZERO)),
+                Ok(grant) => {
+                    // Admitted at once, but the counter store may have taken its time
+                    // (Redis): the wait is everything pacer held the request for.
+                    return Ok(Reservation::new(shared.clone(), grant, started.elapsed()));
+                }
                 Err(b) => Some(b),
             },
         };
