@@ -102,7 +102,7 @@ impl Proxy {
     /// Like [`Proxy::new`], recording into existing metrics.
     fn with_metrics(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Arc<Proxy>, SetupError> {
         let upstreams = build_upstreams(&config)?;
-        let index = |name: &str| config.upstreams.iter().position(|u| u.name == name);
+        let index = |name: &str| config.upstream_index(name);
         // A limit naming an upstream that does not exist would otherwise count on all.
         for l in &config.limits {
             if let Some(u) = l.upstream.as_deref().filter(|u| index(u).is_none()) {
@@ -180,7 +180,7 @@ impl Proxy {
         let draining = Arc::new(AtomicBool::new(false));
         let trusted: Arc<[Cidr]> = server.trusted_proxies.clone().into();
         let names = |name: &str| {
-            let i = config.upstreams.iter().position(|u| u.name == name)?;
+            let i = config.upstream_index(name)?;
             Some((i, p.upstreams.get(i)?.name.clone()))
         };
         let configured: Arc<[Option<u64>]> = config.limits.iter().map(|l| l.requests).collect();

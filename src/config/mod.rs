@@ -492,6 +492,11 @@ impl Config {
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
     }
+
+    /// The index of the upstream with this name, as limits and routes refer to it.
+    pub fn upstream_index(&self, name: &str) -> Option<usize> {
+        self.upstreams.iter().position(|u| u.name == name)
+    }
 }
 
 /// One upstream and one route: the smallest valid configuration, for unit tests to extend.

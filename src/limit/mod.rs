@@ -608,9 +608,7 @@ fn predicted_wait(log: &SlidingLog, now: Nanos, window: Nanos, ceiling: u64, ahe
 pub(crate) fn test_limits(text: &str) -> (crate::config::Config, LimitSet) {
     let c = crate::config::Config::parse(&format!("{}{text}", crate::config::MINIMAL))
         .expect("test config");
-    let s = LimitSet::new(&c.limits, &c.queue, |n| {
-        c.upstreams.iter().position(|u| u.name == n)
-    });
+    let s = LimitSet::new(&c.limits, &c.queue, |n| c.upstream_index(n));
     (c, s)
 }
 
