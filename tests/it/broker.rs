@@ -1,7 +1,7 @@
 //! The token broker: a fleet of workers asking for client-credentials tokens costs the
 //! upstream one token request, not one per worker.
 
-use crate::support::{serial, start_pacer, token_reply_via, within, TestClient};
+use crate::support::{slot, start_pacer, token_reply_via, within, Load, TestClient};
 use http::StatusCode;
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeSet;
@@ -59,7 +59,7 @@ async fn token(client: &TestClient, id: &str, secret: &str) -> (String, u64, boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_of_workers_costs_one_token_request() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("broker", async {
         let sim = sim().await;
         let pacer = start_pacer(&config(&sim, true)).await;
@@ -115,7 +115,7 @@ async fn a_fleet_of_workers_costs_one_token_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_cache_every_request_goes_upstream() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("no broker", async {
         let sim = sim().await;
         let pacer = start_pacer(&config(&sim, false)).await;

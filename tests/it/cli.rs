@@ -1,7 +1,7 @@
 //! The `pacer` binary: `check-config`, refusing bad configuration at start, and reloading
 //! on SIGHUP (a bad file keeps the configuration in force).
 
-use crate::support::{serial, serial_blocking, wait_listening, within, TestClient, TestUpstream};
+use crate::support::{slot, slot_blocking, wait_listening, within, Load, TestClient, TestUpstream};
 use http::StatusCode;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,7 +30,7 @@ requests = 10
 
 #[test]
 fn check_config_lists_every_error_with_its_key_path() {
-    let _serial = serial_blocking();
+    let _slot = slot_blocking(Load::Timed);
     let dir = crate::support::unique_temp_dir("check");
     let file = dir.join("broken.toml");
     std::fs::write(&file, BROKEN).unwrap();
@@ -53,7 +53,7 @@ fn check_config_lists_every_error_with_its_key_path() {
 
 #[test]
 fn shipped_configs_pass_check_config() {
-    let _serial = serial_blocking();
+    let _slot = slot_blocking(Load::Timed);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for file in ["config/pacer.toml", "config/genesys.toml"] {
         let out = Command::new(BIN)
@@ -71,7 +71,7 @@ fn shipped_configs_pass_check_config() {
 
 #[test]
 fn run_refuses_to_start_on_invalid_config() {
-    let _serial = serial_blocking();
+    let _slot = slot_blocking(Load::Timed);
     let dir = crate::support::unique_temp_dir("refuse");
     let file = dir.join("broken.toml");
     std::fs::write(&file, BROKEN).unwrap();
@@ -112,7 +112,7 @@ async fn status_of(addr: SocketAddr, path: &str) -> StatusCode {
 
 #[tokio::test]
 async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("reload", async {
         let upstream = TestUpstream::start().await;
         let port = crate::support::free_port();

@@ -148,7 +148,7 @@ async fn rapid_reset(
 
 #[tokio::test]
 async fn rapid_reset_is_bounded_and_others_are_served() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     within("rapid reset", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_for(&up).await;
@@ -572,7 +572,7 @@ async fn cr_lf_and_nul_in_field_values_are_rejected() {
 
 #[tokio::test]
 async fn continuation_flood_errors_out_in_bounded_memory() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     // Far above any header limit: 4096 CONTINUATION frames of 16 KiB (64 MiB of header block).
     const FRAMES: usize = 4096;
     within("CONTINUATION flood", async {

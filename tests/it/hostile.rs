@@ -7,7 +7,7 @@
 //! the ledger lock once did), this test's runtime still runs its timeouts and fails
 //! instead of hanging with it.
 
-use crate::support::{empty, full, serial, within, Reply, TestClient, TestUpstream};
+use crate::support::{empty, full, slot, within, Load, Reply, TestClient, TestUpstream};
 use base64::Engine as _;
 use http::{Method, StatusCode};
 use std::net::SocketAddr;
@@ -134,7 +134,7 @@ async fn another_client_is_served(client: &TestClient, after: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_rate_headers_wedge_no_one() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("hostile rate headers", async {
         let upstream = TestUpstream::start().await;
         let pacer = Isolated::start(config(&upstream, ""));
@@ -248,7 +248,7 @@ async fn token(client: &TestClient, id: &str, body: &str) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_token_lifetimes_leave_the_answer_unchanged() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("hostile expires_in", async {
         let upstream = TestUpstream::start().await;
         let pacer = Isolated::start(config(&upstream, "token_cache = true"));

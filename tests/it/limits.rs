@@ -5,8 +5,10 @@
 //! `Retry-After`, so its counters are the ground truth: whatever pacer claims, the
 //! simulator says whether the upstream would have refused anything.
 //!
-//! Every test takes [`serial`]: they measure timing and memory of one process, and on a
-//! small machine a neighbour's CPU burst would turn into network jitter here.
+//! Every test takes a [`slot`] of the machine: floods, memory measurements and the tight
+//! 40 ms guard run alone ([`Load::Alone`]), since on a small machine a neighbour's CPU
+//! burst would turn into network jitter there; the rest mostly wait out the simulator's
+//! windows with little CPU and share the machine ([`Load::Timed`]).
 
 use crate::support::*;
 use bytes::{Buf, Bytes, BytesMut};
@@ -329,7 +331,7 @@ async fn greedy_callers(guard: &str) {
 /// 2 ms upstream, so the guard here is 200 ms; see the 40 ms variant below.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_callers_never_trigger_upstream_429() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     greedy_callers("200ms").await;
 }
 
@@ -339,7 +341,7 @@ async fn greedy_callers_never_trigger_upstream_429() {
 #[ignore = "timing-sensitive: a 40 ms guard is smaller than the admission-to-arrival jitter \
             of a debug build on a loaded 2-core machine"]
 async fn greedy_callers_never_trigger_upstream_429_with_40ms_guard() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     greedy_callers("40ms").await;
 }
 
@@ -348,7 +350,7 @@ async fn greedy_callers_never_trigger_upstream_429_with_40ms_guard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_traffic_is_never_shed_under_bulk_flood() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     within("critical under bulk flood", async {
         const QUOTA: u64 = 100;
         const BULK_WORKERS: usize = 60;
@@ -576,7 +578,7 @@ const RESERVE_LIMITS: &str = "[[limit]]\nname = \"per-client\"\nupstream = \"api
 /// default `critical_reserve` (0.2) is held nowhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("no critical source", async {
         let ids = ["greedy-0", "greedy-1", "greedy-2", "greedy-3"];
         let sim = start_sim(&reserve_sim_toml(&ids)).await;
@@ -628,7 +630,7 @@ async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
 /// own greedy job stops at 75%.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("critical route", async {
         let ids = ["normal-0", "normal-1", "normal-2", "shared"];
         let sim = start_sim(&reserve_sim_toml(&ids)).await;
@@ -732,7 +734,7 @@ async fn a_critical_route_reserves_only_for_the_clients_that_use_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnected_waiters_free_their_reservations() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("disconnected waiters", async {
         const N: u64 = 20;
         const WAITERS: usize = 1000;
@@ -1028,7 +1030,7 @@ async fn unknown_tokens_memory(total: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_unknown_tokens_keep_memory_bounded() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     // 10^6 takes longer than this file's budget in a debug build on two cores; see
     // `a_million_unknown_tokens_keep_memory_bounded_full`.
     // A hang guard, not a speed limit: on a loaded debug build 200k requests can take
@@ -1041,7 +1043,7 @@ async fn a_million_unknown_tokens_keep_memory_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow: 10^6 requests (run with --ignored, ideally --release)"]
 async fn a_million_unknown_tokens_keep_memory_bounded_full() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     tokio::time::timeout(Duration::from_secs(600), unknown_tokens_memory(1_000_000))
         .await
         .expect("10^6 requests within 10 min");
@@ -1052,7 +1054,7 @@ async fn a_million_unknown_tokens_keep_memory_bounded_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_429_pauses_the_client() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("upstream 429 pause", async {
         const WORKERS: usize = 8;
         // The simulator allows 10 per window; pacer is misconfigured to allow 100.
@@ -1188,7 +1190,7 @@ async fn upstream_429_pauses_the_client() {
 /// pacer in front of a recording upstream, route `/api/`, plus `extra` config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_pause_with_no_limit_at_all_is_shed_as_a_pause() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("pause without limits", async {
         // No `[[limit]]`: only the upstream (5 per 4 s) says when to stop.
         let sim = start_sim(
@@ -1263,7 +1265,7 @@ fn structured(v: &str) -> (String, BTreeMap<String, i64>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_headers() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("RateLimit headers", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_with(
@@ -1331,7 +1333,7 @@ async fn rate_limit_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_variants_share_one_limit() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("path variants", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_with(
@@ -1409,7 +1411,7 @@ async fn path_variants_share_one_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_forwarded_for_cannot_dodge_a_client_ip_limit() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("spoofed X-Forwarded-For", async {
         let up = TestUpstream::start().await;
         let pacer = start_pacer(&format!(
@@ -1466,7 +1468,7 @@ async fn spoofed_forwarded_for_cannot_dodge_a_client_ip_limit() {
 /// the upstream's `inin-ratelimit-count`, so pacer stops before the upstream says 429.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn use_outside_pacer_is_learned_from_inin_ratelimit_count() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("inin-ratelimit-count", async {
         let sim = start_sim(
             "window = \"60s\"\nclient_requests = 20\norg_requests = 1000\n\
@@ -1510,7 +1512,7 @@ async fn use_outside_pacer_is_learned_from_inin_ratelimit_count() {
 /// rate ceilings; the simulator sends no `inin-ratelimit-*`, so only the 429 teaches.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_429s_cut_the_clients_rate() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("adaptive", async {
         let sim = start_sim(
             "window = \"60s\"\nclient_requests = 10\norg_requests = 1000\nrate_headers = false\n\
@@ -1672,7 +1674,7 @@ impl Converged {
 /// at the reported 10 and stays there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_on_the_reported_budget() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     let run = tokio::time::timeout(Duration::from_secs(60), converge_run(true, ""))
         .await
         .expect("bounded run");
@@ -1704,7 +1706,7 @@ async fn converges_on_the_reported_budget() {
 /// bringing the 429s back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_on_the_real_budget_from_429s_alone() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     let run = tokio::time::timeout(
         Duration::from_secs(60),
         converge_run(false, "[adaptive]\nhold = \"5s\"\n"),

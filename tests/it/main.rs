@@ -1,7 +1,8 @@
 //! pacer's black-box tests, one module a theme, in one test binary. Helpers live in
 //! [`support`], one job a module. Tests that load the machine, measure time or start
-//! child processes hold [`support::serial`] for their whole run; light tests run beside
-//! anything.
+//! child processes hold a [`support::slot`] sized by their [`support::Load`] for their
+//! whole run (waiting ones share the machine, floods and memory measurements run alone);
+//! light tests run beside anything.
 
 mod support;
 

@@ -8,7 +8,7 @@
 //! the promtool checks fail when `CI` is set, and are skipped with a notice otherwise.
 
 use crate::support::{
-    full, prom_samples, serial, serial_blocking, start_pacer, within, Sample, TestClient,
+    full, prom_samples, slot, slot_blocking, start_pacer, within, Load, Sample, TestClient,
 };
 use base64::Engine as _;
 use http::{Method, StatusCode};
@@ -265,7 +265,7 @@ critical_reserve = 0.0
 
 #[tokio::test]
 async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     let (text, token) = within("observability traffic", metrics_after_traffic()).await;
     let samples = prom_samples(&text);
 
@@ -398,7 +398,7 @@ async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
 
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
-    let _serial = serial_blocking();
+    let _slot = slot_blocking(Load::Timed);
     let Some(promtool) = promtool() else { return };
     let out = run(
         &promtool,
@@ -423,7 +423,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 /// Every query of the Grafana dashboard parses as PromQL, and names only pacer's metrics.
 #[test]
 fn dashboard_queries_are_valid_promql() {
-    let _serial = serial_blocking();
+    let _slot = slot_blocking(Load::Timed);
     let path = repo_root().join("deploy/grafana/dashboards/pacer.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard JSON"))
@@ -488,7 +488,7 @@ fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
 
 #[test]
 fn compose_config_is_valid() {
-    let _serial = serial_blocking();
+    let _slot = slot_blocking(Load::Timed);
     for file in [
         "deploy/compose/pacer.toml",
         "deploy/compose/pacer-shared.toml",

@@ -261,7 +261,7 @@ async fn hop_by_hop_fields_are_removed_both_ways() {
 
 #[tokio::test]
 async fn streams_100_mib_up_and_down_in_bounded_memory() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     const SIZE: u64 = 100 * 1024 * 1024;
     const SAMPLE_EVERY: u64 = 4 * 1024 * 1024;
     within("100 MiB", async {
@@ -490,7 +490,7 @@ async fn upstream_closing_without_answer_is_502() {
 
 #[tokio::test]
 async fn slow_upstream_is_504() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("504", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_for(&up, "", "timeout = \"300ms\"").await;
@@ -742,7 +742,7 @@ async fn path_variants_reach_upstream_normalized() {
 
 #[tokio::test]
 async fn in_flight_request_completes_during_shutdown() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("graceful shutdown", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_for(&up, "shutdown_grace = \"10s\"", "").await;
@@ -799,7 +799,7 @@ async fn in_flight_request_completes_during_shutdown() {
 
 #[tokio::test]
 async fn draining_answers_503_with_retry_after() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("draining", async {
         let up = TestUpstream::start().await;
         let pacer = pacer_for(&up, "", "").await;
@@ -871,7 +871,7 @@ async fn garbage_on_the_socket_does_not_break_the_listener() {
 /// one without a body is tried again (within the timeout and a budget); others get 502.
 #[tokio::test]
 async fn failed_connections_are_retried_for_idempotent_requests_only() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("connect retry", async {
         let (dead, socket) = reserved_addr();
         let pacer = start_pacer(&one_route_config(

@@ -5,7 +5,7 @@ use crate::support::redis::{
     get_users, greedy, one_client_sim, shared_limit_config, status, wait_all_up, RedisProc,
     RedisServer, Tally,
 };
-use crate::support::{empty, serial, token_via, wait_listening, within, TestClient};
+use crate::support::{empty, slot, token_via, wait_listening, within, Load, TestClient};
 use http::{Method, StatusCode};
 use pacer::app::Running;
 use pacer::sim::Simulator;
@@ -85,7 +85,7 @@ async fn wait_until_shared(replicas: &[Running]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_quota() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Busy).await;
     within("shared quota", async {
         let redis = RedisServer::start().await;
         let sim = sim().await;
@@ -139,7 +139,7 @@ async fn three_replicas_share_one_quota() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_falls_back_to_local_shares_and_recovers() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Busy).await;
     within("outage", async {
         let mut redis = RedisServer::start().await;
         let sim = sim().await;
@@ -245,7 +245,7 @@ async fn redis_outage_falls_back_to_local_shares_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replicas_permits_come_back_within_the_lease() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("leases", async {
         let redis = RedisServer::start().await;
         let upstream = crate::support::TestUpstream::start().await;
@@ -362,7 +362,7 @@ lease_ttl = "2s"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_outage_replicas_wait_for_a_missing_peer_before_sharing() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("missing peer", async {
         let mut redis = RedisServer::start().await;
         let sim = sim().await;
@@ -424,7 +424,7 @@ async fn an_upstream_pause_with_no_limit_at_all_is_shared_and_shed_as_a_pause() 
 /// shed at once, as a pause that names no limit of pacer's (whether pacer has `limits` or
 /// none at all), nothing reaches the upstream, and both still share.
 async fn an_upstream_pause_is_shared_and_shed_as_a_pause(limits: bool) {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("shared pause", async {
         let redis = RedisServer::start().await;
         // The upstream allows 5 per 4 s; pacer is told 60 per 2 s, or has no `[[limit]]`
@@ -512,7 +512,7 @@ async fn an_upstream_pause_is_shared_and_shed_as_a_pause(limits: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_round_trip_per_admission() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("round trips", async {
         let redis = RedisServer::start().await;
         let sim = sim().await;
@@ -551,7 +551,7 @@ async fn one_round_trip_per_admission() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rediss_with_a_private_ca() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("rediss", async {
         let certs = crate::support::TestCerts::new();
         let port = crate::support::free_port();
@@ -653,7 +653,7 @@ async fn wait_for_adaptive(
 /// hearing from the upstream themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("shared adaptive state", async {
         // The upstream reports 30 per 2 s for the client; pacer is configured for 60.
         let redis = RedisServer::start().await;
@@ -714,7 +714,7 @@ async fn learned_ceilings_and_cuts_are_shared_between_replicas() {
 /// and each replica reads it with its heartbeat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learned_critical_reserve_is_shared_by_every_replica() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("shared reserve", async {
         let redis = RedisServer::start().await;
         let sim = one_client_sim("shared", 1000, "10s").await;
@@ -824,7 +824,7 @@ timeout = "500ms"
 /// answer saying so, forwards only what the upstream has left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn use_outside_pacer_is_shared_through_redis() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("shared inin-ratelimit-count", async {
         let redis = RedisServer::start().await;
         let sim = one_client_sim("shared", 20, "60s").await;

@@ -9,7 +9,7 @@ use crate::support::redis::{
     cli, greedy, one_client_sim, script_calls, shared_limit_config, status, wait_all_up, RedisProc,
     Tally,
 };
-use crate::support::{free_port, serial, token_via, TestClient};
+use crate::support::{free_port, slot, token_via, Load, TestClient};
 use http::StatusCode;
 use pacer::app::Running;
 use pacer::sim::Simulator;
@@ -229,7 +229,7 @@ async fn two_replicas_share_one_quota_through_a_redis_cluster() {
     if !tools_present("cluster") {
         return;
     }
-    let _serial = serial().await;
+    let _slot = slot(Load::Busy).await;
     bounded("cluster", async {
         let cluster = Cluster::start().await;
         let sim = sim().await;
@@ -320,7 +320,7 @@ async fn admissions_go_to_the_primary_a_sentinel_names() {
     if !tools_present("sentinel") {
         return;
     }
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     bounded("sentinel", async {
         let dir = crate::support::unique_temp_dir("sentinel");
         let master = server(free_port(), &dir, &[]).await;
@@ -356,7 +356,7 @@ async fn a_sentinel_failover_moves_admissions_to_the_new_primary() {
     if !tools_present("sentinel failover") {
         return;
     }
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     bounded("sentinel failover", async {
         let dir = crate::support::unique_temp_dir("failover");
         let mut master = server(free_port(), &dir, &[]).await;

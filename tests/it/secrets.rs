@@ -102,7 +102,7 @@ fn leak_context(haystack: &str, needle: &str) -> Option<String> {
 
 #[tokio::test]
 async fn no_secret_reaches_logs_or_metrics() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     let (capture, _capture_guard) = install_capture();
 
     let (metrics, status, secrets) = within("secrets flow", async {

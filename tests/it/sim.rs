@@ -1,6 +1,6 @@
 //! Black-box tests of the Genesys simulator over real sockets.
 
-use crate::support::serial;
+use crate::support::{slot, Load};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -157,7 +157,7 @@ fn assert_rate_limited(r: &Reply) {
 
 #[tokio::test]
 async fn exactly_n_per_window_then_room_again() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     tokio::time::timeout(TEST_LIMIT, async {
         let sim = start("window = \"2s\"\nclient_requests = 5").await;
         let http = Http::new(&sim);
@@ -188,7 +188,7 @@ async fn exactly_n_per_window_then_room_again() {
 
 #[tokio::test]
 async fn org_limit_spans_clients() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     tokio::time::timeout(TEST_LIMIT, async {
         let sim = start("window = \"60s\"\nclient_requests = 5\norg_requests = 8").await;
         let http = Http::new(&sim);
@@ -220,7 +220,7 @@ async fn org_limit_spans_clients() {
 
 #[tokio::test]
 async fn endpoint_template_limit() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     tokio::time::timeout(TEST_LIMIT, async {
         let sim = start(
             r#"
@@ -267,7 +267,7 @@ async fn endpoint_template_limit() {
 
 #[tokio::test]
 async fn concurrency_caps() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     tokio::time::timeout(TEST_LIMIT, async {
         let sim = start("latency = \"400ms\"\nclient_concurrency = 2").await;
         let http = Http::new(&sim);
@@ -301,7 +301,7 @@ async fn futures_join3<F: std::future::Future>(a: F, b: F, c: F) -> [F::Output; 
 
 #[tokio::test]
 async fn token_issuance() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     tokio::time::timeout(TEST_LIMIT, async {
         let sim = start("window = \"60s\"\ntoken_requests = 3\ntoken_ttl = \"1h\"").await;
         let http = Http::new(&sim);
@@ -377,7 +377,7 @@ async fn token_issuance() {
 
 #[tokio::test]
 async fn stats_headers_h2_and_reset() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     tokio::time::timeout(TEST_LIMIT, async {
         let sim = start("window = \"60s\"\nclient_requests = 4\nbody_bytes = 300").await;
         let http = Http::new(&sim);

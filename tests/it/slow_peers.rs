@@ -64,7 +64,7 @@ fn show(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn silent_client_is_closed_after_header_read_timeout() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("silent client", async {
         let good = TestUpstream::start().await;
         let pacer = pacer_with("", &good.url(), "", &good).await;
@@ -85,7 +85,7 @@ async fn silent_client_is_closed_after_header_read_timeout() {
 
 #[tokio::test]
 async fn trickled_headers_are_cut_off_by_header_read_timeout() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("slowloris", async {
         let good = TestUpstream::start().await;
         let bad = RawUpstream::start(RawMode::Ok).await;
@@ -144,7 +144,7 @@ async fn trickled_headers_are_cut_off_by_header_read_timeout() {
 
 #[tokio::test]
 async fn slow_upload_is_aborted_after_body_idle_timeout() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("slow upload", async {
         let good = TestUpstream::start().await;
         let bad = RawUpstream::start(RawMode::Ok).await;
@@ -242,7 +242,7 @@ async fn stalled_download(pacer: &pacer::app::Running, stall_for: Duration) -> (
 
 #[tokio::test]
 async fn slow_reader_is_bounded_in_memory_and_ended_by_request_deadline() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     within("slow reader, deadline", async {
         let good = TestUpstream::start().await;
         // The body idle timeout is long: only the deadline can end the stalled answer.
@@ -268,7 +268,7 @@ async fn slow_reader_is_bounded_in_memory_and_ended_by_request_deadline() {
 
 #[tokio::test]
 async fn reader_that_stops_is_cut_off_after_body_idle_timeout() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("slow reader, idle", async {
         let good = TestUpstream::start().await;
         let pacer = pacer_with("", &good.url(), "", &good).await;
@@ -283,7 +283,7 @@ async fn reader_that_stops_is_cut_off_after_body_idle_timeout() {
 
 #[tokio::test]
 async fn upstream_that_never_answers_is_504() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("silent upstream", async {
         let good = TestUpstream::start().await;
         let bad = RawUpstream::start(RawMode::Silent).await;
@@ -322,7 +322,7 @@ async fn body_must_break(pacer: &pacer::app::Running, path: &str) {
 
 #[tokio::test]
 async fn upstream_stalling_mid_body_breaks_the_clients_body() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("upstream stalls", async {
         let good = TestUpstream::start().await;
         let bad = RawUpstream::start(RawMode::HeadThenStall).await;
@@ -336,7 +336,7 @@ async fn upstream_stalling_mid_body_breaks_the_clients_body() {
 
 #[tokio::test]
 async fn upstream_reset_mid_body_breaks_the_clients_body() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("upstream resets", async {
         let good = TestUpstream::start().await;
         let bad = RawUpstream::start(RawMode::ResetMidBody).await;
@@ -350,7 +350,7 @@ async fn upstream_reset_mid_body_breaks_the_clients_body() {
 
 #[tokio::test]
 async fn old_connection_finishes_its_request_then_closes() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("max_connection_age", async {
         let good = TestUpstream::start().await;
         let pacer = pacer_with("max_connection_age = \"1s\"", &good.url(), "", &good).await;

@@ -408,7 +408,7 @@ fn assert_raw_pacer_error(what: &str, reply: &RawReply, status: u16) {
 /// hour, the same caller's next whole request is still admitted (and the one after shed).
 #[tokio::test]
 async fn broken_or_unfinished_bodies_reach_nothing_and_take_no_quota() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("unfinished bodies", async {
         let up = RawUpstream::start(RawMode::Ok).await;
         let config = format!(
@@ -567,7 +567,7 @@ async fn raw_read_one(s: &mut tokio::net::TcpStream) -> Vec<u8> {
 /// never reused, and the reservation is returned.
 #[tokio::test]
 async fn broken_streamed_body_aborts_upstream_request_and_frees_its_slot() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Timed).await;
     within("broken streamed body", async {
         let up = RawUpstream::start(RawMode::Ok).await;
         let pacer = pacer_for(&up).await;

@@ -167,7 +167,7 @@ async fn worker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_reconciles_callers_pacer_and_upstream() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     let n = requests();
     let outcome = tokio::time::timeout(SOAK_LIMIT, soak(n)).await;
     outcome.unwrap_or_else(|_| panic!("soak of {n} requests did not finish within {SOAK_LIMIT:?}"));

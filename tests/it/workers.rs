@@ -1,7 +1,7 @@
 //! Serving threads (`[server] workers`): extra single-threaded runtimes on `SO_REUSEPORT`
 //! listeners share one set of limits and end with the instance.
 
-use crate::support::{one_route_config, serial, with_test_listeners, within, TestUpstream};
+use crate::support::{one_route_config, slot, with_test_listeners, within, Load, TestUpstream};
 use pacer::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -34,7 +34,7 @@ async fn status_on_new_connection(addr: std::net::SocketAddr) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extra_workers_share_one_set_of_limits_and_stop_with_the_instance() {
-    let _serial = serial().await;
+    let _slot = slot(Load::Alone).await;
     within("workers", async {
         let up = TestUpstream::start().await;
         let text = with_test_listeners(&format!(

@@ -46,9 +46,14 @@ pub const TEST_LIMIT: Duration = Duration::from_secs(25);
 
 /// Runs `f`, failing the test if it takes longer than [`TEST_LIMIT`].
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(TEST_LIMIT, f).await {
+    within_for(what, TEST_LIMIT, f).await
+}
+
+/// Runs `f`, failing the test if it takes longer than `limit`.
+pub async fn within_for<T>(what: &str, limit: Duration, f: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
         Ok(v) => v,
-        Err(_) => panic!("{what}: did not finish within {TEST_LIMIT:?}"),
+        Err(_) => panic!("{what}: did not finish within {limit:?}"),
     }
 }
 
@@ -67,18 +72,50 @@ pub fn unique_temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
-/// The one lock of the test process. Every test that creates load, measures time, starts
-/// Redis or a child process, or is otherwise sensitive to what runs beside it holds it
-/// for its whole run (take it first, before starting anything); light tests do not take
-/// it and run in parallel with anything. A test that failed does not poison it.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Waits until no other heavy test runs; hold the guard to the end of the test.
-pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    HEAVY.lock().await
+/// How much of the machine a test takes while it runs; [`slot`] shares the machine by it.
+/// Measured alone on 2 cores (`/usr/bin/time`, CPU time over wall time) when the classes
+/// were drawn; light tests (no slot at all) run beside anything.
+#[derive(Clone, Copy, Debug)]
+pub enum Load {
+    /// Waits on the wall clock, on timeouts or on child processes and uses little CPU
+    /// (under a fifth of a core): simulator windows, Retry-After, Redis outages, slow
+    /// peers. Runs beside up to three others of its kind, so their waits overlap.
+    Timed,
+    /// Keeps a good part of a core busy (the Python SDK importing itself, a Redis cluster,
+    /// several replicas, a fault proxy) but asserts no tight timing: two slots.
+    Busy,
+    /// Floods pacer, measures the process's memory or CPU, or asserts timing tight
+    /// enough that a neighbour could break it: runs alone.
+    Alone,
 }
 
-/// [`serial`] for a test that is not async.
-pub fn serial_blocking() -> tokio::sync::MutexGuard<'static, ()> {
-    HEAVY.blocking_lock()
+/// Slots of the machine's one semaphore; [`Load::Alone`] takes all of them.
+const SLOTS: u32 = 4;
+
+/// The test process's one semaphore. Fair (first come, first served), so a waiting
+/// [`Load::Alone`] test is not starved by a stream of timed ones. A test that failed does
+/// not poison it.
+static MACHINE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SLOTS as usize);
+
+/// Waits until the machine has room for a test of this `load`; hold the permit to the end
+/// of the test (take it first, before starting anything). Many tests at once only help
+/// when the harness runs that many: `.cargo/config.toml` sets `RUST_TEST_THREADS`.
+pub async fn slot(load: Load) -> tokio::sync::SemaphorePermit<'static> {
+    let n = match load {
+        Load::Timed => 1,
+        Load::Busy => 2,
+        Load::Alone => SLOTS,
+    };
+    MACHINE
+        .acquire_many(n)
+        .await
+        .expect("the semaphore is never closed")
+}
+
+/// [`slot`] for a test that is not async.
+pub fn slot_blocking(load: Load) -> tokio::sync::SemaphorePermit<'static> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(slot(load))
 }
