@@ -145,6 +145,7 @@ impl Admit {
         labels: &mut RequestLabels,
     ) -> Result<Admitted, ProxyError> {
         let (routed, caller, priority) = req.into_parts();
+        labels.priority = Some(priority);
         let Routed {
             req,
             target,
@@ -184,6 +185,7 @@ impl Admit {
         // at admission), so that its 429 is judged against them.
         let generation = self.adaptive.scale(&client_key).generation;
         let upstream_name = route.route.upstream_name.clone();
+        labels.queue_wait = Some(reservation.waited());
         self.metrics.queue_wait(
             &upstream_name,
             priority.as_str(),

@@ -1,6 +1,7 @@
 //! Starting and stopping a pacer instance: the proxy listener, the admin listener and
 //! the shared state behind them.
 
+use crate::access_log::LogSink;
 use crate::admin;
 use crate::answer::ProxyBody;
 use crate::config::Config;
@@ -82,17 +83,22 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 /// Builds everything from a validated configuration and starts serving on the caller's
-/// runtime.
+/// runtime, without an access log (`pacer run` writes it: [`run`]).
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_with_workers(config, 0).await
+    start_with_workers(config, 0, None).await
 }
 
 /// Like [`start`], with `extra` more serving threads beside the caller's runtime, each
 /// with its own runtime and listening socket on the same port (see
-/// [`server::run_workers`]). The caller's runtime also runs the shared background work.
-pub async fn start_with_workers(config: Config, extra: usize) -> Result<Running, StartError> {
+/// [`server::run_workers`]), and the access log written to `log` if given. The caller's
+/// runtime also runs the shared background work.
+pub async fn start_with_workers(
+    config: Config,
+    extra: usize,
+    log: Option<LogSink>,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    let proxy = Proxy::new(config.clone())?;
+    let proxy = Proxy::with_log(config.clone(), log)?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
 
@@ -188,7 +194,7 @@ pub async fn start_with_workers(config: Config, extra: usize) -> Result<Running,
 /// error and the old one stays.
 pub async fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<(), StartError> {
     let extra = server::worker_count(config.server.workers).saturating_sub(1);
-    let running = start_with_workers(config, extra).await?;
+    let running = start_with_workers(config, extra, Some(LogSink::stdout())).await?;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {

@@ -8,6 +8,7 @@
 //! instance, configuration, the simulator and demo, and the pieces they exercise directly);
 //! the rest is the crate's own.
 
+pub mod access_log;
 mod adaptive;
 mod admin;
 pub mod admit;

@@ -31,7 +31,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Forwarded => "forwarded",
             Outcome::Cached => "cached",
@@ -59,6 +60,7 @@ const SHED_SLOTS: usize = 1024;
 const INFLIGHT_SLOTS: usize = 1024;
 const QUEUE_WAIT_SLOTS: usize = 256;
 const DURATION_SLOTS: usize = 64;
+const REJECTED_SLOTS: usize = 256;
 
 /// Slots a look-up tries before it takes the uncached path.
 const PROBES: usize = 8;
@@ -71,6 +73,7 @@ struct Caches {
     inflight: HandleCache<metrics::Gauge, 2>,
     queue_wait: HandleCache<metrics::Histogram, 2>,
     duration: HandleCache<metrics::Histogram, 1>,
+    rejected: HandleCache<metrics::Counter, 2>,
 }
 
 impl Caches {
@@ -84,6 +87,7 @@ impl Caches {
             inflight: HandleCache::new(n(INFLIGHT_SLOTS)),
             queue_wait: HandleCache::new(n(QUEUE_WAIT_SLOTS)),
             duration: HandleCache::new(n(DURATION_SLOTS)),
+            rejected: HandleCache::new(n(REJECTED_SLOTS)),
         }
     }
 }
@@ -296,6 +300,31 @@ impl Metrics {
             .with([upstream, client, reason], 0, register, |c| c.increment(1));
     }
 
+    /// `pacer_rejected_total`: one per request pacer refused itself (400, 401, 403, 404,
+    /// 405, 413, 414, 431), by upstream, route prefix and status.
+    pub fn rejected(&self, upstream: &str, route: &str, status: u16) {
+        let register = || {
+            self.counter(
+                "pacer_rejected_total",
+                &[
+                    ("upstream", upstream),
+                    ("route", route),
+                    ("status", &status.to_string()),
+                ],
+            )
+        };
+        self.cache
+            .rejected
+            .with([upstream, route], status, register, |c| c.increment(1));
+    }
+
+    /// `pacer_access_log_dropped_total`: access log lines dropped because the writer was
+    /// behind.
+    pub fn access_log_dropped(&self) {
+        self.counter("pacer_access_log_dropped_total", &[])
+            .increment(1);
+    }
+
     /// `pacer_queue_wait_seconds`.
     pub fn queue_wait(&self, upstream: &str, priority: &str, seconds: f64) {
         let register = || {
@@ -401,6 +430,16 @@ fn describe(recorder: &PrometheusRecorder) {
         name("pacer_shed_total"),
         None,
         text("Requests pacer answered 429 itself, by reason."),
+    );
+    recorder.describe_counter(
+        name("pacer_rejected_total"),
+        None,
+        text("Requests pacer refused itself (400, 401, 403, 404, 405, 413, 414, 431), by upstream, route prefix and status."),
+    );
+    recorder.describe_counter(
+        name("pacer_access_log_dropped_total"),
+        None,
+        text("Access log lines dropped because the writer was behind."),
     );
     recorder.describe_histogram(
         name("pacer_queue_wait_seconds"),
@@ -646,14 +685,26 @@ mod tests {
 #[derive(Debug, Default)]
 pub struct RequestLabels {
     pub upstream: Option<Arc<str>>,
+    /// The configured prefix of the request's route.
+    pub route: Option<Arc<str>>,
     pub client: Option<Arc<str>>,
     pub endpoint: Option<Arc<str>>,
+    pub priority: Option<crate::config::Priority>,
+    /// Time held before sending: the queue and the counter store.
+    pub queue_wait: Option<std::time::Duration>,
+    /// Time from sending upstream to the response head (or the failure).
+    pub upstream_time: Option<std::time::Duration>,
 }
 
 impl RequestLabels {
     /// The upstream's name, or `none` before routing.
     pub fn upstream(&self) -> &str {
         self.upstream.as_deref().unwrap_or("none")
+    }
+
+    /// The route's prefix, or `none` before routing.
+    pub fn route(&self) -> &str {
+        self.route.as_deref().unwrap_or("none")
     }
 
     /// The caller's label, or `unknown` before identification.

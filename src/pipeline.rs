@@ -6,6 +6,7 @@
 //! forwarding phase takes only an [`Admitted`] request, which only admission makes, and
 //! admission takes only an [`Identified`] one. Each phase holds only the handles it uses.
 
+use crate::access_log::{self, AccessLog, CountedBody, Record};
 use crate::admit::{Admit, Admitted};
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, Brokered};
@@ -18,9 +19,10 @@ use crate::identity::{Identified, Identify};
 use crate::metrics::{Metrics, Outcome, RequestLabels};
 use crate::route::{Access, Allowed, RouteTable, Routed};
 use crate::server::ConnInfo;
-use http::{Request, Response};
+use http::{Request, Response, StatusCode};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 /// The phases of the request path, built once per configuration.
 pub struct Pipeline {
@@ -34,16 +36,27 @@ pub struct Pipeline {
     pub(crate) forward: Forward,
     pub(crate) learn: Learn,
     pub(crate) metrics: Arc<Metrics>,
+    /// `[log]`: one line per request, unless `access = false`.
+    pub(crate) access_log: Option<AccessLog>,
     /// `[server] request_deadline`: the whole exchange ends within it.
     pub(crate) deadline: Duration,
 }
 
 impl Pipeline {
     /// Runs one request through the pipeline within the request deadline, turns errors into
-    /// pacer's own answers and records what became of it.
-    pub async fn handle(&self, req: Request<ProxyBody>, conn: ConnInfo) -> Response<ProxyBody> {
+    /// pacer's own answers and records what became of it: metrics, the request id on the
+    /// answer, and the access log line once the answer has been sent.
+    pub async fn handle(&self, mut req: Request<ProxyBody>, conn: ConnInfo) -> Response<ProxyBody> {
+        let (at, started) = (SystemTime::now(), Instant::now());
         let mut labels = RequestLabels::default();
         let method = req.method().clone();
+        // Kept from the caller or made here; forwarded upstream with the request.
+        let request_id = access_log::request_id(req.headers_mut());
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        if self.access_log.is_some() {
+            let counter = bytes_in.clone();
+            req = req.map(|b| CountedBody::new(b, counter));
+        }
         let result =
             match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels)).await {
                 Ok(r) => r,
@@ -64,7 +77,7 @@ impl Pipeline {
             labels.endpoint(),
             outcome,
         );
-        match result {
+        let mut resp = match result {
             Ok((resp, _)) => resp,
             Err(e) => {
                 if let ErrorKind::Shed { reason, .. } = e.kind() {
@@ -79,9 +92,36 @@ impl Pipeline {
                     error = %e,
                     "answered by pacer"
                 );
-                e.into_response()
+                let resp = e.into_response();
+                if is_refusal(resp.status()) {
+                    self.metrics.rejected(
+                        labels.upstream(),
+                        labels.route(),
+                        resp.status().as_u16(),
+                    );
+                }
+                resp
             }
-        }
+        };
+        resp.headers_mut()
+            .insert(access_log::REQUEST_ID, request_id.clone());
+        let Some(log) = &self.access_log else {
+            return resp;
+        };
+        let mut record = Record {
+            at,
+            started,
+            method,
+            labels,
+            outcome,
+            status: 0,
+            reason: None,
+            request_id,
+            correlation_id: None,
+            bytes_in,
+        };
+        record.answered(resp.status().as_u16(), resp.headers());
+        log.on_answer(resp, record)
     }
 
     /// The whole request path, one phase after the other.
@@ -96,6 +136,7 @@ impl Pipeline {
         // Pick the upstream by the longest configured prefix; nothing else is reachable.
         let req: Routed = self.routes.route(req)?;
         labels.upstream = Some(req.route.route.upstream_name.clone());
+        labels.route = Some(req.route.route.prefix.clone());
         // Route-level gates: source address ranges and inbound keys.
         let req: Allowed = self.access.check(req)?;
         // Read small bodies whole: a broken or unfinished one is answered here, before it
@@ -113,7 +154,9 @@ impl Pipeline {
         // wait in the queue, or shed with Retry-After.
         let req: Admitted = self.admit.admit(req, labels).await?;
         // Send upstream; the answer streams back.
+        let sending = Instant::now();
         let (answer, sent) = self.forward.send(req).await;
+        labels.upstream_time = Some(sending.elapsed());
         // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
         let answer = self
             .learn
@@ -122,4 +165,12 @@ impl Pipeline {
         // The answer carries the RateLimit headers and holds concurrency until it ends.
         Ok((sent.finish(answer)?, Outcome::Forwarded))
     }
+}
+
+/// Pacer's own refusals of a request, counted in `pacer_rejected_total`.
+fn is_refusal(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        400 | 401 | 403 | 404 | 405 | 413 | 414 | 431
+    )
 }

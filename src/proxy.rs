@@ -3,6 +3,7 @@
 //! each hold the handles they use. Reading the state for `/status` and `/metrics` is in
 //! [`crate::status`].
 
+use crate::access_log::{AccessLog, LogSink};
 use crate::adaptive::Adaptive;
 use crate::admit::Admit;
 use crate::answer::ProxyBody;
@@ -51,6 +52,8 @@ pub struct Proxy {
     /// Issued client-credentials tokens handed out again (`[identity] token_cache`).
     pub broker: Option<Arc<TokenBroker>>,
     resolver: Arc<UpstreamResolver>,
+    /// Where access log lines go, shared across reloads; none: no access log.
+    log_sink: Option<LogSink>,
     draining: Arc<AtomicBool>,
     pipeline: Pipeline,
 }
@@ -65,6 +68,7 @@ struct Parts {
     adaptive: Arc<Adaptive>,
     broker: Option<Arc<TokenBroker>>,
     resolver: Arc<UpstreamResolver>,
+    log_sink: Option<LogSink>,
 }
 
 impl Proxy {
@@ -73,7 +77,7 @@ impl Proxy {
     pub fn reload(old: &Proxy, config: Arc<Config>) -> Result<Arc<Proxy>, SetupError> {
         if !old.config.same_limiting(&config) {
             tracing::warn!("limits changed on reload: counters start afresh");
-            return Proxy::with_metrics(config, old.metrics.clone());
+            return Proxy::build(config, old.metrics.clone(), old.log_sink.clone());
         }
         let upstreams = build_upstreams(&config)?;
         // Routes may have changed: a new critical route lets keys learn the reserve.
@@ -85,6 +89,7 @@ impl Proxy {
             adaptive: old.adaptive.clone(),
             broker: old.broker.clone(),
             resolver: old.resolver.clone(),
+            log_sink: old.log_sink.clone(),
             config,
         };
         let proxy = Proxy::assemble(parts)?;
@@ -94,13 +99,23 @@ impl Proxy {
         Ok(proxy)
     }
 
-    /// Builds routes, upstream clients, identity and limits from a validated configuration.
+    /// Builds routes, upstream clients, identity and limits from a validated configuration;
+    /// writes no access log.
     pub fn new(config: Arc<Config>) -> Result<Arc<Proxy>, SetupError> {
-        Self::with_metrics(config, Arc::new(Metrics::new()))
+        Self::with_log(config, None)
     }
 
-    /// Like [`Proxy::new`], recording into existing metrics.
-    fn with_metrics(config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Arc<Proxy>, SetupError> {
+    /// Like [`Proxy::new`], writing the access log (as `[log]` says) to `sink`.
+    pub fn with_log(config: Arc<Config>, sink: Option<LogSink>) -> Result<Arc<Proxy>, SetupError> {
+        Self::build(config, Arc::new(Metrics::new()), sink)
+    }
+
+    /// Like [`Proxy::with_log`], recording into existing metrics.
+    fn build(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        log_sink: Option<LogSink>,
+    ) -> Result<Arc<Proxy>, SetupError> {
         let upstreams = build_upstreams(&config)?;
         let index = |name: &str| config.upstream_index(name);
         // A limit naming an upstream that does not exist would otherwise count on all.
@@ -170,6 +185,7 @@ impl Proxy {
             adaptive,
             broker,
             resolver,
+            log_sink,
         })
     }
 
@@ -208,6 +224,10 @@ impl Proxy {
                 configured,
             ),
             metrics: p.metrics.clone(),
+            access_log: p
+                .log_sink
+                .clone()
+                .and_then(|sink| AccessLog::new(&config.log, sink, p.metrics.clone())),
             deadline: server.request_deadline.0,
         };
         Ok(Arc::new(Proxy {
@@ -219,6 +239,7 @@ impl Proxy {
             adaptive: p.adaptive,
             broker: p.broker,
             resolver: p.resolver,
+            log_sink: p.log_sink,
             draining,
             pipeline,
         }))

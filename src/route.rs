@@ -13,7 +13,8 @@ use std::time::Duration;
 /// A configured route, ready to use.
 #[derive(Debug)]
 pub struct Route {
-    pub prefix: String,
+    /// The configured prefix, also the route's metric label.
+    pub prefix: Arc<str>,
     /// Index of the upstream in the configuration, resolved when the table is built.
     pub upstream: usize,
     /// The upstream's name, its metric label.
@@ -80,7 +81,7 @@ impl RouteTable {
                 }
             };
             routes.push(Arc::new(Route {
-                prefix: c.prefix.clone(),
+                prefix: Arc::from(c.prefix.as_str()),
                 upstream: index,
                 upstream_name: name,
                 strip_prefix: c.strip_prefix,

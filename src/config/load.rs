@@ -5,7 +5,11 @@ use super::*;
 
 const SECTIONS: &[&str] = &[
     "server", "upstream", "route", "identity", "client", "limit", "queue", "state", "adaptive",
+    "log",
 ];
+
+/// Environment variable that overrides `[log] format`.
+pub const LOG_FORMAT_ENV: &str = "PACER_LOG_FORMAT";
 
 impl Config {
     /// Reads, expands `${ENV}` and validates a configuration file.
@@ -39,6 +43,7 @@ impl Config {
                 "queue" => section(value, "queue", &mut errors, &mut config.queue),
                 "state" => section(value, "state", &mut errors, &mut config.state),
                 "adaptive" => section(value, "adaptive", &mut errors, &mut config.adaptive),
+                "log" => section(value, "log", &mut errors, &mut config.log),
                 "upstream" => config.upstreams = array(value, "upstream", &mut errors),
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),
@@ -46,6 +51,16 @@ impl Config {
                 other => errors.push(ConfigError {
                     path: other.to_string(),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),
+                }),
+            }
+        }
+        // The environment overrides the file's access log format.
+        if let Some(f) = lookup(LOG_FORMAT_ENV) {
+            match LogFormat::parse(&f) {
+                Some(format) => config.log.format = format,
+                None => errors.push(ConfigError {
+                    path: "log.format".into(),
+                    message: format!("{LOG_FORMAT_ENV}={f:?}: expected \"json\" or \"text\""),
                 }),
             }
         }

@@ -9,6 +9,7 @@ mod presets;
 mod types;
 mod validate;
 
+pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
 pub use types::{Cidr, Dur, IdentitySource, Priority, Scope, Secret, UnknownClients};
 
@@ -76,6 +77,48 @@ pub struct Config {
     pub queue: QueueConfig,
     pub state: StateConfig,
     pub adaptive: AdaptiveConfig,
+    pub log: LogConfig,
+}
+
+/// `[log]`: the access log, one line per request on stdout.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Line format; env `PACER_LOG_FORMAT` overrides it.
+    pub format: LogFormat,
+    /// Write the access log at all.
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            access: true,
+        }
+    }
+}
+
+/// Format of access log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line.
+    #[default]
+    Json,
+    /// `key=value` pairs (logfmt).
+    Text,
+}
+
+impl LogFormat {
+    /// The format named `s` (`json` or `text`).
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "json" => Some(LogFormat::Json),
+            "text" => Some(LogFormat::Text),
+            _ => None,
+        }
+    }
 }
 
 /// `[adaptive]`: converge on an upstream's real budget for a client, from its 429s and

@@ -43,7 +43,7 @@ async fn extra_workers_share_one_set_of_limits_and_stop_with_the_instance() {
             one_route_config("", &up.url(), "")
         ));
         let config = Config::parse(&text).expect("config");
-        let pacer = pacer::app::start_with_workers(config, 2)
+        let pacer = pacer::app::start_with_workers(config, 2, None)
             .await
             .expect("pacer starts");
         let workers = |names: &[String]| {
