@@ -5,15 +5,22 @@ use crate::access_log::LogSink;
 use crate::admin;
 use crate::answer::ProxyBody;
 use crate::config::Config;
+use crate::edge;
 use crate::proxy::Proxy;
 use crate::server::{self, ConnInfo, ConnSettings};
 use arc_swap::ArcSwap;
-use http::Request;
+use futures_util::FutureExt as _;
+use http::{Request, Response};
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tower::ServiceExt as _;
 
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +129,11 @@ pub async fn start_with_workers(
     let cur = current.clone();
     let handler = move |req: Request<ProxyBody>, conn: ConnInfo| {
         let p = cur.load_full();
-        async move { p.handle(req, conn).await }
+        let (sensitive, metrics) = (p.sensitive_headers.clone(), p.metrics.clone());
+        let pipeline = Handle { proxy: p, conn };
+        edge::wrap(pipeline, sensitive, metrics)
+            .oneshot(req)
+            .map(edge::into_answer)
     };
     let workers = server::run_workers(
         proxy_addr,
@@ -187,6 +198,30 @@ pub async fn start_with_workers(
         stop,
         tasks,
     })
+}
+
+/// The proxy's pipeline for the requests of one connection, as a tower service.
+#[derive(Clone)]
+struct Handle {
+    proxy: Arc<Proxy>,
+    conn: ConnInfo,
+}
+
+impl tower::Service<Request<ProxyBody>> for Handle {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    // Boxed: the pipeline's future is unnameable, and an unboxed one inside the edge
+    // layers trips the compiler's higher-ranked `Send` check of the connection task.
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let (proxy, conn) = (self.proxy.clone(), self.conn);
+        Box::pin(async move { Ok(proxy.handle(req, conn).await) })
+    }
 }
 
 /// Serves until SIGINT/SIGTERM, then shuts down gracefully. On SIGHUP the file is read

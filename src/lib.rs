@@ -18,6 +18,7 @@ pub mod broker;
 mod buffer;
 pub mod config;
 pub mod demo;
+mod edge;
 pub mod endpoint;
 mod error;
 pub mod feedback;

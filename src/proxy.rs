@@ -54,6 +54,9 @@ pub struct Proxy {
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
+    /// Request headers whose values are credentials: `authorization` and the routes'
+    /// inbound-key headers (see [`crate::edge`]).
+    pub sensitive_headers: Arc<[http::HeaderName]>,
     draining: Arc<AtomicBool>,
     pipeline: Pipeline,
 }
@@ -230,6 +233,7 @@ impl Proxy {
                 .and_then(|sink| AccessLog::new(&config.log, sink, p.metrics.clone())),
             deadline: server.request_deadline.0,
         };
+        let sensitive_headers = sensitive_headers(config);
         Ok(Arc::new(Proxy {
             config: p.config,
             upstreams: p.upstreams,
@@ -240,6 +244,7 @@ impl Proxy {
             broker: p.broker,
             resolver: p.resolver,
             log_sink: p.log_sink,
+            sensitive_headers,
             draining,
             pipeline,
         }))
@@ -259,6 +264,21 @@ impl Proxy {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// `authorization` and every route's inbound-key header.
+fn sensitive_headers(config: &Config) -> Arc<[http::HeaderName]> {
+    let mut names = vec![http::header::AUTHORIZATION];
+    let inbound = config.routes.iter().filter_map(|r| r.inbound_auth.as_ref());
+    for auth in inbound {
+        // A name that does not parse fails the route table before this is used.
+        if let Ok(name) = http::HeaderName::from_bytes(auth.header.as_bytes()) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names.into()
 }
 
 /// One client per configured upstream, in configuration order.

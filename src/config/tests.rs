@@ -318,3 +318,29 @@ fn reserve_memory_defaults_to_a_day_and_must_be_at_least_a_second() {
         assert!(e.contains("queue.reserve_memory"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn log_format_defaults_to_json_and_the_environment_overrides_the_file() {
+    let c = Config::parse_with_env(MINIMAL, &env).unwrap();
+    assert_eq!(c.log, LogConfig::default());
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert!(c.log.access);
+    let text = format!("{MINIMAL}\n[log]\nformat = \"json\"\naccess = false\n");
+    let from_env =
+        |value: &'static str| move |name: &str| (name == LOG_FORMAT_ENV).then(|| value.to_string());
+    let c = Config::parse_with_env(&text, &from_env("text")).unwrap();
+    assert_eq!(c.log.format, LogFormat::Text);
+    assert!(!c.log.access);
+    let errors = Config::parse_with_env(&text, &from_env("yaml")).unwrap_err();
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert_eq!(errors.0[0].path, "log.format");
+    assert!(errors.0[0].message.contains("PACER_LOG_FORMAT"), "{errors}");
+    let errors = Config::parse_with_env(
+        &format!("{MINIMAL}\n[log]\nformat = \"xml\"\nlines = 1\n"),
+        &env,
+    )
+    .unwrap_err();
+    let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.contains(&"log.format"), "{errors}");
+    assert!(paths.contains(&"log.lines"), "{errors}");
+}
