@@ -310,8 +310,8 @@ pub struct CountedBody {
 }
 
 impl CountedBody {
-    /// `inner`, counting into `read`.
-    pub fn new(inner: ProxyBody, read: Arc<AtomicU64>) -> ProxyBody {
+    /// `inner`, counting into `read`, as a [`ProxyBody`].
+    pub fn wrap(inner: ProxyBody, read: Arc<AtomicU64>) -> ProxyBody {
         CountedBody { inner, read }.boxed_unsync()
     }
 }
@@ -397,9 +397,11 @@ mod tests {
     }
 
     fn record() -> Record {
-        let mut labels = RequestLabels::default();
-        labels.upstream = Some("api".into());
-        labels.endpoint = Some("GET /api/v2/users/{userId}".into());
+        let labels = RequestLabels {
+            upstream: Some("api".into()),
+            endpoint: Some("GET /api/v2/users/{userId}".into()),
+            ..Default::default()
+        };
         Record {
             at: SystemTime::UNIX_EPOCH,
             started: Instant::now(),

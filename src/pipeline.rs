@@ -55,7 +55,7 @@ impl Pipeline {
         let bytes_in = Arc::new(AtomicU64::new(0));
         if self.access_log.is_some() {
             let counter = bytes_in.clone();
-            req = req.map(|b| CountedBody::new(b, counter));
+            req = req.map(|b| CountedBody::wrap(b, counter));
         }
         let result =
             match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels)).await {
