@@ -135,10 +135,13 @@ pub struct Record {
 }
 
 impl Record {
-    /// The answer's facts: status, reason and correlation id.
-    pub fn answered(&mut self, status: u16, headers: &HeaderMap) {
+    /// The answer's facts: status, correlation id and, for pacer's `own` answers, the reason
+    /// (an upstream's `x-pacer-reason` is not pacer's).
+    pub fn answered(&mut self, status: u16, headers: &HeaderMap, own: bool) {
         self.status = status;
-        self.reason = headers.get("x-pacer-reason").cloned();
+        self.reason = own
+            .then(|| headers.get("x-pacer-reason").cloned())
+            .flatten();
         self.correlation_id = headers.get("inin-correlation-id").cloned();
     }
 

@@ -77,6 +77,7 @@ impl Pipeline {
             labels.endpoint(),
             outcome,
         );
+        let own_answer = result.is_err();
         let mut resp = match result {
             Ok((resp, _)) => resp,
             Err(e) => {
@@ -120,7 +121,7 @@ impl Pipeline {
             correlation_id: None,
             bytes_in,
         };
-        record.answered(resp.status().as_u16(), resp.headers());
+        record.answered(resp.status().as_u16(), resp.headers(), own_answer);
         log.on_answer(resp, record)
     }
 

@@ -175,7 +175,11 @@ async fn json_lines_for_every_kind_of_answer_on_stdout() {
             &client,
             &format!("/api/v2/users/{USER_ID}"),
             "req-forwarded",
-            &[("x-reply-header", "inin-correlation-id: upstream-corr-1")],
+            &[
+                ("x-reply-header", "inin-correlation-id: upstream-corr-1"),
+                // Only pacer's own answers give a reason.
+                ("x-reply-header", "x-pacer-reason: spoofed"),
+            ],
         )
         .await;
         assert_eq!(fwd.status, StatusCode::OK);
