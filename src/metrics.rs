@@ -419,6 +419,82 @@ fn describe(recorder: &PrometheusRecorder) {
     );
 }
 
+/// `pacer_build_info` and the standard `process_*` metrics of the whole process (the ones
+/// Prometheus' own client libraries export), read from the OS at scrape time and appended
+/// to `out`. They describe the process, not one configuration, so they are kept out of
+/// [`Metrics::render`].
+pub fn render_process(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP pacer_build_info The running pacer's version and target; always 1.\n\
+         # TYPE pacer_build_info gauge\n\
+         pacer_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}} 1",
+        escape(env!("CARGO_PKG_VERSION")),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+    );
+    let p = metrics_process::collector::collect();
+    let mut family = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    };
+    let num = |v: Option<u64>| v.map(|v| v as f64);
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds_total,
+    );
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        num(p.resident_memory_bytes),
+    );
+    family(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        num(p.virtual_memory_bytes),
+    );
+    // The collector reports an unlimited address space as 0: left out rather than shown
+    // as a limit of nothing.
+    family(
+        "process_virtual_memory_max_bytes",
+        "gauge",
+        "Maximum amount of virtual memory available in bytes.",
+        num(p.virtual_memory_max_bytes.filter(|v| *v > 0)),
+    );
+    family(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        num(p.open_fds),
+    );
+    family(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        num(p.max_fds.filter(|v| *v > 0)),
+    );
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        num(p.start_time_seconds),
+    );
+    family(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+        num(p.threads),
+    );
+}
+
 /// A gauge read from live state at scrape time.
 pub struct Gauge {
     pub name: &'static str,
@@ -500,6 +576,33 @@ mod tests {
         let mut lines: Vec<&str> = text.lines().collect();
         lines.sort_unstable();
         lines
+    }
+
+    #[test]
+    fn process_metrics_and_build_info_render_with_help_and_type() {
+        let mut text = String::new();
+        render_process(&mut text);
+        let version = format!(
+            "pacer_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::env::consts::ARCH
+        );
+        assert_eq!(sample(&text, &version), Some(1.0), "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
+        for name in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} gauge")), "{text}");
+            let v = sample(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+            assert!(v > 0.0, "{name} = {v}");
+        }
     }
 
     #[test]

@@ -217,7 +217,9 @@ pub fn render_metrics(proxy: &Proxy) -> String {
                 .collect(),
         },
     ];
-    proxy.metrics.render(&gauges)
+    let mut text = proxy.metrics.render(&gauges);
+    crate::metrics::render_process(&mut text);
+    text
 }
 
 #[cfg(test)]

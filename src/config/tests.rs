@@ -167,7 +167,11 @@ fn guard_and_headroom_shape_the_window() {
 #[test]
 fn shipped_configs_validate() {
     let lookup = |name: &str| Some(format!("test-{name}"));
-    for file in ["config/pacer.toml", "config/genesys.toml"] {
+    for file in [
+        "config/pacer.toml",
+        "config/genesys.toml",
+        "config/genesys-crm.toml",
+    ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         if let Err(e) = Config::parse_with_env(&text, &lookup) {
