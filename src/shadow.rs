@@ -8,9 +8,8 @@
 //! through: the window counts every request that was really sent — the same sends the
 //! upstream counts — not the smaller set enforcement would have sent. So each decision is
 //! "would this request have fit, given what really went out?": a shadow limit that mirrors
-//! an upstream's own limit reports exactly the requests that upstream would refuse, its
-//! `/status` use is the real use, and switching it to enforcement (a reload that keeps
-//! counters) starts from a truthful window. The price: under sustained overload it reports
+//! an upstream's own limit reports exactly the requests that upstream would refuse, and its
+//! `/status` use is the real use. The price: under sustained overload it reports
 //! more would-be sheds than enforcement would cause, since enforcement's own sheds would
 //! have left room for later requests. Requests queued behind *other* limits are not counted
 //! as ahead of a shadow decision: nothing queues for a shadow limit.
@@ -101,10 +100,13 @@ pub struct Tally {
 /// client labels are bounded already, this bounds their product.
 const MAX_ENTRIES: usize = 10_000;
 
+/// (limit label, client label).
+type TallyKey = (Arc<str>, Arc<str>);
+
 /// Running tallies of every shadow verdict, keyed by (limit label, client label).
 #[derive(Debug, Default)]
 pub struct ShadowBook {
-    tallies: Mutex<HashMap<(Arc<str>, Arc<str>), Tally>>,
+    tallies: Mutex<HashMap<TallyKey, Tally>>,
 }
 
 impl ShadowBook {
