@@ -59,6 +59,7 @@ const SHED_SLOTS: usize = 1024;
 const INFLIGHT_SLOTS: usize = 1024;
 const QUEUE_WAIT_SLOTS: usize = 256;
 const DURATION_SLOTS: usize = 64;
+const SHADOW_SLOTS: usize = 1024;
 
 /// Slots a look-up tries before it takes the uncached path.
 const PROBES: usize = 8;
@@ -71,6 +72,8 @@ struct Caches {
     inflight: HandleCache<metrics::Gauge, 2>,
     queue_wait: HandleCache<metrics::Histogram, 2>,
     duration: HandleCache<metrics::Histogram, 1>,
+    shadow_shed: HandleCache<metrics::Counter, 3>,
+    shadow_wait: HandleCache<metrics::Histogram, 2>,
 }
 
 impl Caches {
@@ -84,6 +87,8 @@ impl Caches {
             inflight: HandleCache::new(n(INFLIGHT_SLOTS)),
             queue_wait: HandleCache::new(n(QUEUE_WAIT_SLOTS)),
             duration: HandleCache::new(n(DURATION_SLOTS)),
+            shadow_shed: HandleCache::new(n(SHADOW_SLOTS)),
+            shadow_wait: HandleCache::new(n(SHADOW_SLOTS)),
         }
     }
 }
@@ -309,6 +314,33 @@ impl Metrics {
             .with([upstream, priority], 0, register, |h| h.record(seconds));
     }
 
+    /// `pacer_shadow_shed_total`: a request a shadow limit (or pause) let through that
+    /// enforcement would have shed.
+    pub fn shadow_shed(&self, limit: &str, client: &str, reason: &str) {
+        let register = || {
+            self.counter(
+                "pacer_shadow_shed_total",
+                &[("limit", limit), ("client", client), ("reason", reason)],
+            )
+        };
+        self.cache
+            .shadow_shed
+            .with([limit, client, reason], 0, register, |c| c.increment(1));
+    }
+
+    /// `pacer_shadow_wait_seconds`: the wait a shadow limit (or pause) would have imposed.
+    pub fn shadow_wait(&self, limit: &str, client: &str, seconds: f64) {
+        let register = || {
+            self.histogram(
+                "pacer_shadow_wait_seconds",
+                &[("limit", limit), ("client", client)],
+            )
+        };
+        self.cache
+            .shadow_wait
+            .with([limit, client], 0, register, |h| h.record(seconds));
+    }
+
     /// `pacer_upstream_duration_seconds`: time to the upstream's response head.
     pub fn upstream_duration(&self, upstream: &str, seconds: f64) {
         let register =
@@ -411,6 +443,18 @@ fn describe(recorder: &PrometheusRecorder) {
         name("pacer_upstream_duration_seconds"),
         None,
         text("Time from sending upstream to the response head."),
+    );
+    recorder.describe_counter(
+        name("pacer_shadow_shed_total"),
+        None,
+        text("Requests a shadow limit or pause let through that enforcement would have shed, by reason."),
+    );
+    recorder.describe_histogram(
+        name("pacer_shadow_wait_seconds"),
+        None,
+        text(
+            "Waits a shadow limit or pause would have imposed on requests it let through at once.",
+        ),
     );
     recorder.describe_gauge(
         name("pacer_inflight"),

@@ -159,6 +159,7 @@ fn guard_and_headroom_shape_the_window() {
         concurrency: None,
         headroom: 0.1,
         guard: None,
+        shadow: false,
     };
     assert_eq!(l.effective_requests(), Some(270));
     assert_eq!(l.effective_window(), Some(Duration::from_millis(60_600)));
@@ -321,4 +322,28 @@ fn reserve_memory_defaults_to_a_day_and_must_be_at_least_a_second() {
         .to_string();
         assert!(e.contains("queue.reserve_memory"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn shadow_keys_parse_and_redis_refuses_them() {
+    let limit = "[[limit]]\nname = \"per-client\"\nscope = \"client\"\nrequests = 3\nper = \"1s\"\nshadow = true\n";
+    let c = Config::parse(&format!("[server]\nshadow = true\n{MINIMAL}{limit}")).expect("shadow");
+    assert!(c.server.shadow && c.limits[0].shadow);
+    assert!(!Config::parse(MINIMAL).expect("minimal").server.shadow);
+    let redis = "[state]\nbackend = \"redis\"\nurl = \"redis://r:6379/\"\n";
+    let errs =
+        Config::parse(&format!("[server]\nshadow = true\n{redis}{MINIMAL}{limit}")).unwrap_err();
+    let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+    for key in ["server.shadow", "limit[0].shadow"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)
+                && l.contains("not supported with [state] backend = \"redis\"")),
+            "{key}: {lines:#?}"
+        );
+    }
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    // Turning shadow on or off is a change of limiting (counters start afresh).
+    let on = Config::parse(&format!("[server]\nshadow = true\n{MINIMAL}")).expect("on");
+    let off = Config::parse(MINIMAL).expect("off");
+    assert!(!on.same_limiting(&off));
 }
