@@ -32,9 +32,10 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::identity::{Caller, Identified};
 use crate::limit::LayerKey;
 use crate::metrics::{InflightGauge, Metrics, RequestLabels};
-use crate::queue::{Admission, Permit};
+use crate::queue::{Admission, Permit, Reservation};
 use crate::route::{RouteMatch, Routed};
 use crate::server::ConnInfo;
+use crate::shadow::{pause_label, verdict, Subject, Verdict};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -191,6 +192,7 @@ impl Admit {
             priority.as_str(),
             reservation.waited().as_secs_f64(),
         );
+        self.record_shadow(&reservation, &upstream_name, &caller.label, max_wait);
         let rate_headers = reservation.headers();
         let gauge = self.metrics.inflight_gauge(&upstream_name, &caller.label);
         gauge.up();
@@ -211,6 +213,36 @@ impl Admit {
                 rate_headers,
             },
         })
+    }
+}
+
+impl Admit {
+    /// Counts what shadow limits and pauses would have done with a request they let
+    /// through: wait (up to what is left of `max_wait` after any real wait) or be shed.
+    fn record_shadow(
+        &self,
+        reservation: &Reservation,
+        upstream: &str,
+        client: &Arc<str>,
+        max_wait: Duration,
+    ) {
+        let budget = max_wait.saturating_sub(reservation.waited());
+        for block in reservation.shadow() {
+            let limit: Arc<str> = match block.subject {
+                Subject::Limit(i) => match self.admission.limits().specs.get(i) {
+                    Some(spec) => spec.name.clone(),
+                    None => continue,
+                },
+                // The pause is the caller's on this request's upstream.
+                Subject::Pause(_) => Arc::from(pause_label(upstream)),
+            };
+            let v = verdict(block, budget);
+            match v {
+                Verdict::Wait(d) => self.metrics.shadow_wait(&limit, client, d.as_secs_f64()),
+                Verdict::Shed(r) => self.metrics.shadow_shed(&limit, client, r.as_str()),
+            }
+            self.admission.shadow_book().record(&limit, client, v);
+        }
     }
 }
 

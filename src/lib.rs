@@ -34,6 +34,7 @@ pub mod queue;
 mod reserve;
 mod route;
 mod server;
+pub mod shadow;
 pub mod sim;
 pub mod state;
 mod status;

@@ -61,6 +61,7 @@ const INFLIGHT_SLOTS: usize = 1024;
 const QUEUE_WAIT_SLOTS: usize = 256;
 const DURATION_SLOTS: usize = 64;
 const REJECTED_SLOTS: usize = 256;
+const SHADOW_SLOTS: usize = 1024;
 
 /// Slots a look-up tries before it takes the uncached path.
 const PROBES: usize = 8;
@@ -74,6 +75,8 @@ struct Caches {
     queue_wait: HandleCache<metrics::Histogram, 2>,
     duration: HandleCache<metrics::Histogram, 1>,
     rejected: HandleCache<metrics::Counter, 2>,
+    shadow_shed: HandleCache<metrics::Counter, 3>,
+    shadow_wait: HandleCache<metrics::Histogram, 2>,
 }
 
 impl Caches {
@@ -88,6 +91,8 @@ impl Caches {
             queue_wait: HandleCache::new(n(QUEUE_WAIT_SLOTS)),
             duration: HandleCache::new(n(DURATION_SLOTS)),
             rejected: HandleCache::new(n(REJECTED_SLOTS)),
+            shadow_shed: HandleCache::new(n(SHADOW_SLOTS)),
+            shadow_wait: HandleCache::new(n(SHADOW_SLOTS)),
         }
     }
 }
@@ -338,6 +343,33 @@ impl Metrics {
             .with([upstream, priority], 0, register, |h| h.record(seconds));
     }
 
+    /// `pacer_shadow_shed_total`: a request a shadow limit (or pause) let through that
+    /// enforcement would have shed.
+    pub fn shadow_shed(&self, limit: &str, client: &str, reason: &str) {
+        let register = || {
+            self.counter(
+                "pacer_shadow_shed_total",
+                &[("limit", limit), ("client", client), ("reason", reason)],
+            )
+        };
+        self.cache
+            .shadow_shed
+            .with([limit, client, reason], 0, register, |c| c.increment(1));
+    }
+
+    /// `pacer_shadow_wait_seconds`: the wait a shadow limit (or pause) would have imposed.
+    pub fn shadow_wait(&self, limit: &str, client: &str, seconds: f64) {
+        let register = || {
+            self.histogram(
+                "pacer_shadow_wait_seconds",
+                &[("limit", limit), ("client", client)],
+            )
+        };
+        self.cache
+            .shadow_wait
+            .with([limit, client], 0, register, |h| h.record(seconds));
+    }
+
     /// `pacer_upstream_duration_seconds`: time to the upstream's response head.
     pub fn upstream_duration(&self, upstream: &str, seconds: f64) {
         let register =
@@ -451,10 +483,98 @@ fn describe(recorder: &PrometheusRecorder) {
         None,
         text("Time from sending upstream to the response head."),
     );
+    recorder.describe_counter(
+        name("pacer_shadow_shed_total"),
+        None,
+        text("Requests a shadow limit or pause let through that enforcement would have shed, by reason."),
+    );
+    recorder.describe_histogram(
+        name("pacer_shadow_wait_seconds"),
+        None,
+        text(
+            "Waits a shadow limit or pause would have imposed on requests it let through at once.",
+        ),
+    );
     recorder.describe_gauge(
         name("pacer_inflight"),
         None,
         text("Requests sent upstream whose response is not finished."),
+    );
+}
+
+/// `pacer_build_info` and the standard `process_*` metrics of the whole process (the ones
+/// Prometheus' own client libraries export), read from the OS at scrape time and appended
+/// to `out`. They describe the process, not one configuration, so they are kept out of
+/// [`Metrics::render`].
+pub fn render_process(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP pacer_build_info The running pacer's version and target; always 1.\n\
+         # TYPE pacer_build_info gauge\n\
+         pacer_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}} 1",
+        escape(env!("CARGO_PKG_VERSION")),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+    );
+    let p = metrics_process::collector::collect();
+    let mut family = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(v) = value {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    };
+    let num = |v: Option<u64>| v.map(|v| v as f64);
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        p.cpu_seconds_total,
+    );
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        num(p.resident_memory_bytes),
+    );
+    family(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        num(p.virtual_memory_bytes),
+    );
+    // The collector reports an unlimited address space as 0: left out rather than shown
+    // as a limit of nothing.
+    family(
+        "process_virtual_memory_max_bytes",
+        "gauge",
+        "Maximum amount of virtual memory available in bytes.",
+        num(p.virtual_memory_max_bytes.filter(|v| *v > 0)),
+    );
+    family(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        num(p.open_fds),
+    );
+    family(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        num(p.max_fds.filter(|v| *v > 0)),
+    );
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        num(p.start_time_seconds),
+    );
+    family(
+        "process_threads",
+        "gauge",
+        "Number of OS threads in the process.",
+        num(p.threads),
     );
 }
 
@@ -539,6 +659,33 @@ mod tests {
         let mut lines: Vec<&str> = text.lines().collect();
         lines.sort_unstable();
         lines
+    }
+
+    #[test]
+    fn process_metrics_and_build_info_render_with_help_and_type() {
+        let mut text = String::new();
+        render_process(&mut text);
+        let version = format!(
+            "pacer_build_info{{version=\"{}\",os=\"{}\",arch=\"{}\"}}",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS,
+            std::env::consts::ARCH
+        );
+        assert_eq!(sample(&text, &version), Some(1.0), "{text}");
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
+        for name in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} gauge")), "{text}");
+            let v = sample(&text, name).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+            assert!(v > 0.0, "{name} = {v}");
+        }
     }
 
     #[test]

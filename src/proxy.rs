@@ -130,7 +130,9 @@ impl Proxy {
                 });
             }
         }
-        let limits = Arc::new(LimitSet::new(&config.limits, &config.queue, index));
+        let limits = Arc::new(
+            LimitSet::new(&config.limits, &config.queue, index).shadowed(config.server.shadow),
+        );
         let clock = Clock::default();
         let backend: Arc<dyn Backend> = match config.state.backend {
             StateBackend::Local => Arc::new(LocalBackend::new(limits.clone(), clock)),

@@ -22,6 +22,7 @@ use crate::error::ShedReason;
 use crate::limit::window::Nanos;
 use crate::limit::{BlockKind, Blocked, Demand, LayerKey, LimitSet};
 use crate::reserve::{CriticalSources, Reserve};
+use crate::shadow::ShadowBook;
 use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
 use reservation::ceil_secs;
 use schedule::{jitter, schedule, State, WaiterGuard};
@@ -56,6 +57,8 @@ struct Shared {
     wake: Arc<Notify>,
     /// The adaptive scale of a caller now (see [`Admission::set_scaler`]).
     scaler: OnceLock<Scaler>,
+    /// What shadow limits and pauses would have done, for `/status`.
+    shadow: ShadowBook,
 }
 
 /// The shares of its rate ceilings a caller may use now: (every layer, its per-client
@@ -77,6 +80,15 @@ impl Shared {
         d.rate_scale = rate;
         d.client_scale = client;
         Arc::new(d)
+    }
+
+    /// An upstream pause lasting `until` as (kept, noted): in shadow (`[server] shadow`) it
+    /// is only noted, as the time it had left (see [`crate::shadow`]).
+    fn split_pause(&self, until: Option<Nanos>, now: Nanos) -> (Option<Nanos>, Option<Nanos>) {
+        match until {
+            Some(until) if self.set.shadow_pauses => (None, Some(until.saturating_sub(now))),
+            kept => (kept, None),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -192,6 +204,7 @@ impl Admission {
             state: Mutex::new(State::default()),
             wake: wake.clone(),
             scaler: OnceLock::new(),
+            shadow: ShadowBook::default(),
         });
         tokio::spawn(schedule(Arc::downgrade(&shared), wake));
         Admission { shared }
@@ -206,6 +219,11 @@ impl Admission {
     /// The compiled limits.
     pub fn limits(&self) -> &LimitSet {
         &self.shared.set
+    }
+
+    /// What shadow limits and pauses would have done so far.
+    pub fn shadow_book(&self) -> &ShadowBook {
+        &self.shared.shadow
     }
 
     /// Mode and health of the counter store.
@@ -269,6 +287,7 @@ impl Admission {
             let state = shared.lock();
             (state.paused_until(&pause, now), state.ahead(&demand))
         };
+        let (paused, shadow_pause) = shared.split_pause(paused, now);
         if let Some(until) = paused {
             if until - now > max_wait_ns {
                 return Err(Refusal {
@@ -284,7 +303,8 @@ impl Admission {
                 Ok(grant) => {
                     // Admitted at once, but the counter store may have taken its time
                     // (Redis): the wait is everything pacer held the request for.
-                    return Ok(Reservation::new(shared.clone(), grant, started.elapsed()));
+                    return Ok(Reservation::new(shared.clone(), grant, started.elapsed())
+                        .with_pause(pause.as_ref(), shadow_pause));
                 }
                 Err(b) => Some(b),
             },

@@ -26,6 +26,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
                 "quota": spec.requests,
                 "inflight": inflight,
                 "concurrency": spec.concurrency.map(|c| c[0]),
+                "shadow": spec.shadow,
             })
         })
         .collect();
@@ -50,6 +51,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
         "pauses": pauses,
         "limiter_keys": proxy.admission.keys(),
         "critical_reserve": reserve_status(proxy),
+        "shadow": shadow_status(proxy),
         "adaptive_cuts": proxy
             .adaptive
             .reports()
@@ -66,6 +68,41 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             .collect::<Vec<_>>(),
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
+    })
+}
+
+/// Which limits are in shadow, and what they (and shadowed upstream pauses) would have done
+/// per limit and client label (see [`crate::shadow`]).
+fn shadow_status(proxy: &Proxy) -> serde_json::Value {
+    let set = proxy.admission.limits();
+    let mut limits: Vec<&str> = set
+        .specs
+        .iter()
+        .filter(|s| s.shadow)
+        .map(|s| &*s.name)
+        .collect();
+    limits.dedup();
+    let would: Vec<_> = proxy
+        .admission
+        .shadow_book()
+        .tallies()
+        .into_iter()
+        .map(|(limit, client, t)| {
+            serde_json::json!({
+                "limit": &*limit,
+                "client": &*client,
+                "would_shed": t.would_shed.values().sum::<u64>(),
+                "would_shed_by_reason": t.would_shed,
+                "would_wait": t.would_wait,
+                "would_wait_seconds": t.would_wait_seconds,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "server": proxy.config.server.shadow,
+        "pauses": set.shadow_pauses,
+        "limits": limits,
+        "would": would,
     })
 }
 
@@ -217,7 +254,9 @@ pub fn render_metrics(proxy: &Proxy) -> String {
                 .collect(),
         },
     ];
-    proxy.metrics.render(&gauges)
+    let mut text = proxy.metrics.render(&gauges);
+    crate::metrics::render_process(&mut text);
+    text
 }
 
 #[cfg(test)]

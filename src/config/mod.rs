@@ -280,6 +280,9 @@ pub struct ServerConfig {
     /// HTTP/2 streams a client may open and reset before they are accepted (rapid-reset
     /// protection); more close the connection.
     pub http2_max_pending_accept_reset_streams: usize,
+    /// Shadow mode for every limit and for upstream pauses: decide and count, never queue
+    /// or shed (see [`crate::shadow`]).
+    pub shadow: bool,
 }
 
 impl Default for ServerConfig {
@@ -305,6 +308,7 @@ impl Default for ServerConfig {
             http2_keep_alive_interval: Dur::secs(30),
             http2_keep_alive_timeout: Dur::secs(20),
             http2_max_pending_accept_reset_streams: 50,
+            shadow: false,
         }
     }
 }
@@ -449,6 +453,9 @@ pub struct LimitConfig {
     /// upstream's count; default 1% of `per`, at most 1s.
     #[serde(default)]
     pub guard: Option<Dur>,
+    /// Decide and count, but never queue or shed (see [`crate::shadow`]).
+    #[serde(default)]
+    pub shadow: bool,
 }
 
 impl LimitConfig {
@@ -528,6 +535,7 @@ impl Config {
             && self.identity == other.identity
             && self.clients == other.clients
             && self.adaptive == other.adaptive
+            && self.server.shadow == other.server.shadow
             && names(self) == names(other)
     }
 

@@ -112,6 +112,7 @@ pub(super) fn with_preset_limits(
                 concurrency: spec.concurrency,
                 headroom: 0.0,
                 guard: None,
+                shadow: false,
             });
         }
     }

@@ -159,6 +159,7 @@ fn guard_and_headroom_shape_the_window() {
         concurrency: None,
         headroom: 0.1,
         guard: None,
+        shadow: false,
     };
     assert_eq!(l.effective_requests(), Some(270));
     assert_eq!(l.effective_window(), Some(Duration::from_millis(60_600)));
@@ -168,7 +169,11 @@ fn guard_and_headroom_shape_the_window() {
 fn shipped_configs_validate() {
     // Every `${NAME}` is set; the access log format is left to the file.
     let lookup = |name: &str| (name != LOG_FORMAT_ENV).then(|| format!("test-{name}"));
-    for file in ["config/pacer.toml", "config/genesys.toml"] {
+    for file in [
+        "config/pacer.toml",
+        "config/genesys.toml",
+        "config/genesys-crm.toml",
+    ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         if let Err(e) = Config::parse_with_env(&text, &lookup) {
@@ -344,4 +349,28 @@ fn log_format_defaults_to_json_and_the_environment_overrides_the_file() {
     let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
     assert!(paths.contains(&"log.format"), "{errors}");
     assert!(paths.contains(&"log.lines"), "{errors}");
+}
+
+#[test]
+fn shadow_keys_parse_and_redis_refuses_them() {
+    let limit = "[[limit]]\nname = \"per-client\"\nscope = \"client\"\nrequests = 3\nper = \"1s\"\nshadow = true\n";
+    let c = Config::parse(&format!("[server]\nshadow = true\n{MINIMAL}{limit}")).expect("shadow");
+    assert!(c.server.shadow && c.limits[0].shadow);
+    assert!(!Config::parse(MINIMAL).expect("minimal").server.shadow);
+    let redis = "[state]\nbackend = \"redis\"\nurl = \"redis://r:6379/\"\n";
+    let errs =
+        Config::parse(&format!("[server]\nshadow = true\n{redis}{MINIMAL}{limit}")).unwrap_err();
+    let lines: Vec<String> = errs.0.iter().map(|e| e.to_string()).collect();
+    for key in ["server.shadow", "limit[0].shadow"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(key)
+                && l.contains("not supported with [state] backend = \"redis\"")),
+            "{key}: {lines:#?}"
+        );
+    }
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    // Turning shadow on or off is a change of limiting (counters start afresh).
+    let on = Config::parse(&format!("[server]\nshadow = true\n{MINIMAL}")).expect("on");
+    let off = Config::parse(MINIMAL).expect("off");
+    assert!(!on.same_limiting(&off));
 }

@@ -316,6 +316,21 @@ impl Config {
                 "must be non-empty without braces".into(),
             );
         }
+        // Shadow decisions are made in the local ledger; the shared Redis admission script
+        // knows no shadow layer and would hold or refuse requests it should let through.
+        if st.backend == StateBackend::Redis {
+            const NO_REDIS: &str = "shadow mode is not supported with [state] backend = \"redis\" \
+                 (it would still hold and shed in the shared store); use backend = \"local\" \
+                 for the shadow rollout";
+            if self.server.shadow {
+                err("server.shadow".into(), NO_REDIS.into());
+            }
+            for (i, l) in self.limits.iter().enumerate() {
+                if l.shadow {
+                    err(format!("limit[{i}].shadow"), NO_REDIS.into());
+                }
+            }
+        }
         if self.identity.max_keys == 0 {
             err("identity.max_keys".into(), "must be at least 1".into());
         }

@@ -8,6 +8,7 @@ pub mod window;
 
 use crate::config::{LimitConfig, Priority, QueueConfig, Scope};
 use crate::endpoint::{Classifier, Endpoint, Template};
+use crate::shadow::{Subject, WouldBlock};
 use http::Method;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct LimitSpec {
     pub concurrency: Option<[u64; 3]>,
     /// The same on a key no critical traffic can reach.
     pub concurrency_open: Option<[u64; 3]>,
+    /// Decides and counts, never holds a request back (see [`crate::shadow`]).
+    pub shadow: bool,
 }
 
 impl LimitSpec {
@@ -76,6 +79,8 @@ fn ceilings(n: u64, q: &QueueConfig, reserved: bool) -> [u64; 3] {
 pub struct LimitSet {
     pub specs: Vec<LimitSpec>,
     pub classifier: Arc<Classifier>,
+    /// Upstream pauses are noted, not kept (`[server] shadow`; see [`crate::shadow`]).
+    pub shadow_pauses: bool,
 }
 
 impl LimitSet {
@@ -113,13 +118,26 @@ impl LimitSet {
                         .unwrap_or(0),
                     concurrency: l.concurrency.map(|n| ceilings(n, queue, true)),
                     concurrency_open: l.concurrency.map(|n| ceilings(n, queue, false)),
+                    shadow: l.shadow,
                 }
             })
             .collect();
         LimitSet {
             specs,
             classifier: Arc::new(classifier),
+            shadow_pauses: false,
         }
+    }
+
+    /// With `all` (`[server] shadow`), every limit and every upstream pause in shadow.
+    pub fn shadowed(mut self, all: bool) -> LimitSet {
+        if all {
+            self.shadow_pauses = true;
+            for spec in &mut self.specs {
+                spec.shadow = true;
+            }
+        }
+        self
     }
 
     /// The same limits with every quota and cap divided among `replicas` (at least 1 each):
@@ -359,6 +377,12 @@ impl Ledger {
             let spec = &set.specs[layer.limit];
             let reserved = demand.holds_reserve(i);
             let counter = self.counters.entry(layer.clone()).or_default();
+            if spec.shadow {
+                // Never blocks; what it would have done is `shadow_blocks`' answer. The
+                // send is still counted below.
+                counter.log.evict(now, spec.window);
+                continue;
+            }
             let ahead = queued_ahead(layer);
             if let Some(ceil) = spec.rate_ceiling(class, reserved) {
                 counter.log.evict(now, spec.window);
@@ -406,6 +430,53 @@ impl Ledger {
             layers: demand.layers.clone(),
             id: 0,
         })
+    }
+
+    /// The shadow layers of `demand` that would have held it back at `now`, and for how
+    /// long: each decided as [`Ledger::try_take`] decides an enforcing layer, against every
+    /// send really counted (see [`crate::shadow`] for why), with nothing queued ahead.
+    /// Call before `try_take`, under the same lock, so both see the same counts.
+    pub fn shadow_blocks(
+        &mut self,
+        set: &LimitSet,
+        now: Nanos,
+        demand: &Demand,
+    ) -> Vec<WouldBlock> {
+        let class = demand.priority.index();
+        let mut out = Vec::new();
+        for (i, layer) in demand.layers.iter().enumerate() {
+            let spec = &set.specs[layer.limit];
+            if !spec.shadow {
+                continue;
+            }
+            let reserved = demand.holds_reserve(i);
+            let Some(counter) = self.counters.get_mut(layer) else {
+                // No use yet: every ceiling is at least one request.
+                continue;
+            };
+            let subject = Subject::Limit(layer.limit);
+            if let Some(cap) = spec.concurrency_cap(class, reserved) {
+                if counter.inflight >= cap {
+                    out.push(WouldBlock {
+                        subject,
+                        wait: None,
+                    });
+                    continue;
+                }
+            }
+            if let Some(ceil) = spec.rate_ceiling(class, reserved) {
+                counter.log.evict(now, spec.window);
+                let ceil = scaled(ceil, demand.scale_of(i));
+                let wait = predicted_wait(&counter.log, now, spec.window, ceil, 0);
+                if wait > 0 {
+                    out.push(WouldBlock {
+                        subject,
+                        wait: Some(wait),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Records a send in every layer without checking for room: mirrors a send that a
@@ -534,13 +605,17 @@ impl Ledger {
         self.counters.len()
     }
 
-    /// The rate layer of the demand's layers with the least room left for its priority
-    /// class (its share of the quota, as cut by adaptive mode, not the whole).
+    /// The enforcing rate layer of the demand's layers with the least room left for its
+    /// priority class (its share of the quota, as cut by adaptive mode, not the whole).
     pub fn tightest(&mut self, set: &LimitSet, now: Nanos, demand: &Demand) -> Option<Headroom> {
         let class = demand.priority.index();
         let mut best: Option<Headroom> = None;
         for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
+            // A shadow limit changes nothing the caller sees, its headers included.
+            if spec.shadow {
+                continue;
+            }
             let Some(quota) = spec
                 .rate_ceiling(class, demand.holds_reserve(i))
                 .map(|c| scaled(c, demand.scale_of(i)))

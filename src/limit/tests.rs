@@ -1,5 +1,6 @@
 use super::*;
 use crate::config::Config;
+use crate::shadow::{Subject, WouldBlock};
 use proptest::prelude::*;
 
 fn set(text: &str) -> (Config, LimitSet) {
@@ -313,4 +314,117 @@ concurrency = 10
     assert_eq!((h.quota, h.remaining), (10, 0));
     let h = l.tightest(&s, 20, &kept).unwrap();
     assert_eq!((h.quota, h.remaining), (8, 0));
+}
+
+const SHADOWED: &str = r#"
+[queue]
+critical_reserve = 0.0
+bulk_share = 1.0
+[[limit]]
+name = "client"
+scope = "client"
+requests = 3
+per = "1s"
+guard = "0ms"
+shadow = true
+[[limit]]
+name = "org"
+scope = "global"
+requests = 5
+per = "1s"
+guard = "0ms"
+[[limit]]
+name = "jobs"
+scope = "global"
+concurrency = 1
+shadow = true
+"#;
+
+/// Takes with the shadow verdicts first, as the backends do under one lock.
+fn take_shadowed(
+    l: &mut Ledger,
+    s: &LimitSet,
+    now: Nanos,
+    d: &Demand,
+) -> (Vec<WouldBlock>, Result<Taken, Blocked>) {
+    let shadow = l.shadow_blocks(s, now, d);
+    (shadow, l.try_take(s, now, d, &|_| 0))
+}
+
+#[test]
+fn a_shadow_layer_decides_and_counts_but_never_blocks() {
+    let (_, s) = set(SHADOWED);
+    let mut l = Ledger::new();
+    let a: Arc<str> = Arc::from("a");
+    let d = s.demand(0, &a, &Method::GET, "/x", Priority::Normal);
+    let client = d.layers[0].clone();
+    let mut held = Vec::new();
+    for t in 0..3 {
+        let (shadow, taken) = take_shadowed(&mut l, &s, t * 100 * MS, &d);
+        // From the second, the shadow concurrency cap of one is full: admitted anyway.
+        held.push(taken.expect("admitted"));
+        assert!(
+            shadow
+                .iter()
+                .all(|b| b.subject == Subject::Limit(2) && b.wait.is_none()),
+            "{t}: {shadow:?}"
+        );
+        assert_eq!(shadow.len(), usize::from(t > 0), "{t}: {shadow:?}");
+    }
+    for taken in &held {
+        l.release(&s, taken);
+    }
+    // Over the shadow quota of 3: admitted, counted, and the wait it would have had told.
+    let (shadow, taken) = take_shadowed(&mut l, &s, 300 * MS, &d);
+    assert!(taken.is_ok());
+    assert_eq!(
+        shadow,
+        vec![WouldBlock {
+            subject: Subject::Limit(0),
+            wait: Some(700 * MS),
+        }]
+    );
+    let used = |l: &mut Ledger, at| {
+        l.usage(&s, at)
+            .into_iter()
+            .find(|(k, _, _)| *k == client)
+            .map(|(_, used, _)| used)
+    };
+    assert_eq!(
+        used(&mut l, 300 * MS),
+        Some(4),
+        "the let-through send is counted"
+    );
+    // The next decision sees the real count: with 4 sent, room comes when the second
+    // (at 100 ms) leaves, not the first.
+    let (shadow, taken) = take_shadowed(&mut l, &s, 400 * MS, &d);
+    assert!(taken.is_ok());
+    assert_eq!(shadow[0].wait, Some(700 * MS));
+    // The enforcing layer still refuses past its quota of 5, and names itself.
+    let (_, refused) = take_shadowed(&mut l, &s, 500 * MS, &d);
+    let b = refused.expect_err("the org limit enforces");
+    assert_eq!(b.layer().map(|k| k.limit), Some(1));
+    // No RateLimit headers from a shadow layer: the tightest is the enforcing one.
+    assert_eq!(l.tightest(&s, 500 * MS, &d).map(|h| h.limit), Some(1));
+}
+
+#[test]
+fn server_shadow_puts_every_limit_and_pause_in_shadow() {
+    let (_, s) = set(LAYERS);
+    assert!(!s.shadow_pauses && s.specs.iter().all(|sp| !sp.shadow));
+    let s = s.shadowed(true);
+    assert!(s.shadow_pauses && s.specs.iter().all(|sp| sp.shadow));
+    let mut l = Ledger::new();
+    let a: Arc<str> = Arc::from("a");
+    let d = s.demand(0, &a, &Method::PUT, "/ivrs/1", Priority::Normal);
+    let blocked: Vec<usize> = (0..10)
+        .map(|t| {
+            let (shadow, taken) = take_shadowed(&mut l, &s, t, &d);
+            assert!(taken.is_ok(), "{t}");
+            shadow.len()
+        })
+        .collect();
+    // ivr (2 per window) would block from the third, client (5) from the sixth, org (8)
+    // from the ninth.
+    assert_eq!(blocked, [0, 0, 1, 1, 1, 2, 2, 2, 3, 3]);
 }

@@ -3,8 +3,11 @@
 //! was refused) gives everything back; a [`Permit`] holds concurrency until the response is
 //! done. Either wakes the scheduler when it frees room.
 
+use super::PauseKey;
 use super::Shared;
+use crate::limit::window::Nanos;
 use crate::limit::{Headroom, LimitSet, Taken};
+use crate::shadow::{Subject, WouldBlock};
 use crate::state::Grant;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +17,8 @@ pub struct Reservation {
     shared: Arc<Shared>,
     taken: Option<Taken>,
     headroom: Option<Headroom>,
+    /// Shadow layers that would have held it back (see [`crate::shadow`]).
+    shadow: Vec<WouldBlock>,
     /// Set by the queue once the request is admitted.
     pub(super) waited: Duration,
 }
@@ -24,8 +29,26 @@ impl Reservation {
             shared,
             taken: Some(grant.taken),
             headroom: grant.headroom,
+            shadow: grant.shadow,
             waited,
         }
+    }
+
+    /// Notes an upstream pause of `left` that shadow mode did not keep.
+    pub(super) fn with_pause(mut self, pause: Option<&PauseKey>, left: Option<Nanos>) -> Self {
+        if let (Some((upstream, _)), Some(left)) = (pause, left) {
+            self.shadow.push(WouldBlock {
+                subject: Subject::Pause(*upstream),
+                wait: Some(left),
+            });
+        }
+        self
+    }
+
+    /// What shadow limits and pauses would have done with this request: the layers that
+    /// had no room, and how long until they would have.
+    pub fn shadow(&self) -> &[WouldBlock] {
+        &self.shadow
     }
 
     /// How long the request waited in the queue.

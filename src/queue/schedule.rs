@@ -209,6 +209,7 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
         }
         let now = shared.clock.now();
         let paused = shared.lock().paused_until(&c.pause, now);
+        let (paused, shadow_pause) = shared.split_pause(paused, now);
         let not_before = paused.unwrap_or(0).max(c.not_before);
         if not_before > now {
             soonest(not_before);
@@ -220,7 +221,8 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
         match shared.take(demand, zeros, c.pause.as_ref()).await {
             Ok(grant) => {
                 let waiter = shared.lock().remove_waiter(c.key);
-                let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO);
+                let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO)
+                    .with_pause(c.pause.as_ref(), shadow_pause);
                 // A caller that left meanwhile drops it here, outside the lock: refunded.
                 if let Some(w) = waiter {
                     let _ = w.tx.send(reservation);

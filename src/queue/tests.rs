@@ -558,3 +558,105 @@ guard = "0ms"
     // The next window: the critical request and two normal (half is reserved).
     assert_eq!(admitted, 1, "normal stopped short of the learned reserve");
 }
+
+#[tokio::test(start_paused = true)]
+async fn in_shadow_an_upstream_pause_is_noted_and_nothing_waits() {
+    let (c, set) = crate::limit::test_limits(TEN_PER_SECOND);
+    let a = Admission::new(set.shadowed(true), c.queue.clone(), c.identity.max_keys);
+    let key: PauseKey = (0, Arc::from("c"));
+    a.pause(key.clone(), Duration::from_secs(30));
+    let start = Instant::now();
+    for i in 0..15u64 {
+        let r = a
+            .admit(
+                demand(&a, "c", Priority::Normal),
+                Some(key.clone()),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("shadow never sheds");
+        assert_eq!(r.waited(), Duration::ZERO, "{i}");
+        let shadow = r.shadow();
+        // The pause is always there; the shadow quota of 10 adds itself from the eleventh.
+        assert_eq!(shadow.len(), 1 + usize::from(i >= 10), "{i}: {shadow:?}");
+        assert!(shadow.iter().any(
+            |b| b.subject == crate::shadow::Subject::Pause(0) && b.wait == Some(30_000_000_000)
+        ));
+        r.commit();
+    }
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(a.depth(), [0, 0, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_limit_next_to_an_enforcing_one_does_not_stop_it_queueing() {
+    let a = admission(
+        r#"
+[queue]
+critical_reserve = 0.0
+bulk_share = 1.0
+[[limit]]
+name = "shadowed"
+scope = "client"
+requests = 2
+per = "1s"
+guard = "0ms"
+shadow = true
+[[limit]]
+name = "enforced"
+scope = "client"
+requests = 4
+per = "1s"
+guard = "0ms"
+"#,
+    );
+    let mut shadowed = 0;
+    for _ in 0..4 {
+        let r = a
+            .admit(
+                demand(&a, "c", Priority::Normal),
+                None,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("room in the enforcing limit");
+        assert_eq!(r.waited(), Duration::ZERO);
+        shadowed += r.shadow().len();
+        r.commit();
+    }
+    assert_eq!(
+        shadowed, 2,
+        "the third and fourth were over the shadow quota"
+    );
+    // The enforcing limit is full: the fifth waits its window out, the shadow one's
+    // verdict is taken when it is finally sent.
+    let r = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("admitted after a wait");
+    assert_eq!(r.waited(), Duration::from_secs(1));
+    assert!(r.shadow().is_empty(), "{:?}", r.shadow());
+    r.commit();
+    for _ in 0..3 {
+        a.admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("room again")
+        .commit();
+    }
+    let refused = a
+        .admit(
+            demand(&a, "c", Priority::Normal),
+            None,
+            Duration::from_millis(10),
+        )
+        .await;
+    assert!(refused.is_err(), "the enforcing limit still sheds");
+}

@@ -5,6 +5,7 @@ pub mod redis;
 
 use crate::limit::window::Nanos;
 use crate::limit::{Blocked, Demand, Headroom, LayerKey, Ledger, LimitSet, Taken};
+use crate::shadow::WouldBlock;
 use futures_util::future::BoxFuture;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub struct Grant {
     pub taken: Taken,
     /// Room left in the tightest rate layer, for `RateLimit` headers.
     pub headroom: Option<Headroom>,
+    /// Shadow layers that would have held the request back (see [`crate::shadow`]).
+    pub shadow: Vec<WouldBlock>,
 }
 
 /// What a backend reports about itself.
@@ -151,9 +154,14 @@ impl LocalBackend {
         let now = self.clock.now();
         let index = |l: &LayerKey| demand.layers.iter().position(|x| x == l);
         let ahead_of = |l: &LayerKey| index(l).and_then(|i| ahead.get(i).copied()).unwrap_or(0);
+        let shadow = ledger.shadow_blocks(&self.set, now, demand);
         let taken = ledger.try_take(&self.set, now, demand, &ahead_of)?;
         let headroom = ledger.tightest(&self.set, now, demand);
-        Ok(Grant { taken, headroom })
+        Ok(Grant {
+            taken,
+            headroom,
+            shadow,
+        })
     }
 }
 

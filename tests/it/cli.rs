@@ -51,22 +51,52 @@ fn check_config_lists_every_error_with_its_key_path() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `pacer check-config FILE` with nothing in the environment but `PATH` and `env`.
+fn check_config(file: &str, env: &[(&str, &str)]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check-config", root.join(file).to_str().unwrap()])
+        .env_clear()
+        .envs(env.iter().copied());
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.output().unwrap()
+}
+
+/// The README's quick start: the shipped examples validate on a fresh machine. The
+/// API-only examples need no environment at all; the CRM example needs exactly the key it
+/// documents, and without it is refused naming it.
 #[test]
 fn shipped_configs_pass_check_config() {
     let _slot = slot_blocking(Load::Timed);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     for file in ["config/pacer.toml", "config/genesys.toml"] {
-        let out = Command::new(BIN)
-            .args(["check-config", root.join(file).to_str().unwrap()])
-            .env("PACER_DA_KEY", "a-key-for-the-test")
-            .output()
-            .unwrap();
+        let out = check_config(file, &[]);
         assert!(
             out.status.success(),
-            "{file}: {}",
+            "{file} with an empty environment: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    let crm = "config/genesys-crm.toml";
+    let documented = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(crm))
+        .expect("CRM example");
+    assert!(
+        documented.contains("PACER_DA_KEY"),
+        "{crm} documents no env var"
+    );
+    let out = check_config(crm, &[("PACER_DA_KEY", "a-key-for-the-test")]);
+    assert!(
+        out.status.success(),
+        "{crm} with PACER_DA_KEY: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = check_config(crm, &[]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("PACER_DA_KEY"),
+        "{crm} without PACER_DA_KEY must be refused naming it: {text}"
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod redis_faults;
 mod redis_topologies;
 mod sdk;
 mod secrets;
+mod shadow;
 mod sim;
 mod slow_peers;
 mod smuggling;

@@ -315,6 +315,35 @@ async fn metrics_after_traffic_keep_the_contract_and_pass_promtool() {
             "no upstream status {status}:\n{text}"
         );
     }
+    // The build and the process: `pacer_build_info` and the standard `process_*` families.
+    assert!(
+        has(
+            "pacer_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        "no pacer_build_info{{version=...}}:\n{text}"
+    );
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        let value = samples
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.value)
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"));
+        assert!(
+            value >= 0.0 && value.is_finite(),
+            "{name} = {value}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("# TYPE process_cpu_seconds_total counter"),
+        "process_cpu_seconds_total is not a counter:\n{text}"
+    );
     assert!(
         has("pacer_shed_total", &[("client", "ivr-data-actions")]),
         "no shed for the client:\n{text}"
@@ -412,12 +441,66 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         None,
     );
     assert_success("promtool test rules", &out);
+    let rules = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts.yml"))
+        .expect("alerts.yml");
+    let tests = std::fs::read_to_string(repo_root().join("deploy/prometheus/alerts_test.yml"))
+        .expect("alerts_test.yml");
+    let cases = alert_cases(&tests);
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(str::trim)
+        .collect();
+    assert!(alerts.len() >= 7, "too few alerts found: {alerts:?}");
+    for alert in alerts {
+        for (fires, what) in [(true, "fires"), (false, "stays quiet")] {
+            assert!(
+                cases.contains(&(alert.to_string(), fires)),
+                "alerts_test.yml has no case where {alert} {what}"
+            );
+        }
+    }
     let out = run(
         &promtool,
         &["check", "config", "deploy/prometheus/prometheus.yml"],
         None,
     );
     assert_success("promtool check config", &out);
+}
+
+/// The (alert, fires) pairs of a promtool test file: each `alertname:` with whether its
+/// `exp_alerts` lists an alert (`true`) or is empty (`false`).
+fn alert_cases(tests: &str) -> std::collections::BTreeSet<(String, bool)> {
+    let mut cases = std::collections::BTreeSet::new();
+    let mut current = None;
+    for line in tests.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("alertname:") {
+            current = Some(name.trim().to_string());
+        } else if let Some(rest) = line.strip_prefix("exp_alerts:") {
+            if let Some(name) = current.take() {
+                cases.insert((name, rest.trim() != "[]"));
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn alert_cases_are_read_from_a_test_file() {
+    let cases = alert_cases(
+        r#"
+      - eval_time: 1m
+        alertname: A
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: B
+        exp_alerts:
+          - exp_labels: {}
+"#,
+    );
+    let want: std::collections::BTreeSet<(String, bool)> =
+        [("A".to_string(), false), ("B".to_string(), true)].into();
+    assert_eq!(cases, want);
 }
 
 /// Every query of the Grafana dashboard parses as PromQL, and names only pacer's metrics.
@@ -431,6 +514,7 @@ fn dashboard_queries_are_valid_promql() {
     let mut exprs = Vec::new();
     collect_exprs(&dashboard, &mut exprs);
     assert!(exprs.len() >= 8, "too few queries: {exprs:?}");
+    // Process metrics are joined with pacer_build_info, so they show pacer's targets only.
     for e in &exprs {
         assert!(e.contains("pacer_"), "query names no pacer metric: {e}");
     }
@@ -443,6 +527,12 @@ fn dashboard_queries_are_valid_promql() {
         "pacer_shed_total",
         "pacer_inflight",
         "pacer_state_backend_up",
+        "pacer_adaptive_rate_factor",
+        "pacer_shadow_shed_total",
+        "pacer_shadow_wait_seconds_bucket",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         assert!(
             exprs.iter().any(|e| e.contains(wanted)),

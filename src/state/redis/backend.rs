@@ -207,7 +207,12 @@ impl RedisBackend {
                 reset: t.reset,
             })
         });
-        Grant { taken, headroom }
+        Grant {
+            taken,
+            headroom,
+            // Shadow mode is refused with Redis (`check-config`): the script holds every layer.
+            shadow: Vec::new(),
+        }
     }
 
     /// Local sends are also written to Redis, best effort: when only this replica lost

@@ -262,9 +262,14 @@ impl Local {
         self.with(|set, ledger, now| {
             let index = |l: &LayerKey| demand.layers.iter().position(|x| x == l);
             let ahead_of = |l: &LayerKey| index(l).and_then(|i| ahead.get(i).copied()).unwrap_or(0);
+            let shadow = ledger.shadow_blocks(set, now, demand);
             let taken = ledger.try_take(set, now, demand, &ahead_of)?;
             let headroom = ledger.tightest(set, now, demand);
-            Ok(Grant { taken, headroom })
+            Ok(Grant {
+                taken,
+                headroom,
+                shadow,
+            })
         })
     }
 
