@@ -33,6 +33,7 @@ use crate::identity::{Caller, Identified};
 use crate::limit::LayerKey;
 use crate::metrics::{InflightGauge, Metrics, RequestLabels};
 use crate::queue::{Admission, Permit};
+use crate::recent::Event;
 use crate::route::{RouteMatch, Routed};
 use crate::server::ConnInfo;
 use bytes::Bytes;
@@ -188,6 +189,11 @@ impl Admit {
             &upstream_name,
             priority.as_str(),
             reservation.waited().as_secs_f64(),
+        );
+        self.metrics.recent().record(
+            &upstream_name,
+            &caller.label,
+            Event::Waited(reservation.waited()),
         );
         let rate_headers = reservation.headers();
         let gauge = self.metrics.inflight_gauge(&upstream_name, &caller.label);
