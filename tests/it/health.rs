@@ -110,3 +110,87 @@ async fn healthcheck_fails_on_a_refused_port_a_silent_peer_and_another_server() 
     })
     .await;
 }
+
+/// The top-level services of `docker-compose.yml` with their lines (two-space indentation,
+/// as the file is written).
+fn compose_services(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut services: Vec<(String, Vec<String>)> = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if !line.starts_with(' ') && !line.is_empty() && !line.starts_with('#') {
+            inside = line == "services:";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        match line.strip_prefix("  ") {
+            Some(name) if !name.starts_with(' ') && name.ends_with(':') => {
+                services.push((name.trim_end_matches(':').to_string(), Vec::new()));
+            }
+            Some(body) => {
+                if let Some((_, lines)) = services.last_mut() {
+                    lines.push(body.to_string());
+                }
+            }
+            None => {}
+        }
+    }
+    services
+}
+
+#[test]
+fn compose_builds_pacer_once_and_starts_services_when_healthy() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("docker-compose.yml")).expect("compose file");
+    let services = compose_services(&text);
+    let names: Vec<&str> = services.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["sim", "pacer", "redis", "prometheus", "grafana"]);
+    let has = |lines: &[String], prefix: &str| lines.iter().any(|l| l.starts_with(prefix));
+    let builds: Vec<&str> = services
+        .iter()
+        .filter(|(_, l)| has(l, "  build:"))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(builds, ["sim"], "the pacer image is built once");
+    for (name, lines) in &services {
+        assert!(has(lines, "  healthcheck:"), "{name} has no healthcheck");
+        // Long-form dependencies only: each waits for the other to be healthy.
+        let waits = lines
+            .iter()
+            .filter(|l| l.trim() == "condition: service_healthy")
+            .count();
+        let deps = lines
+            .iter()
+            .skip_while(|l| !l.starts_with("  depends_on:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    "))
+            .filter(|l| !l.starts_with("     "))
+            .count();
+        assert_eq!(
+            waits, deps,
+            "{name}: every dependency must be healthy first"
+        );
+        let expect_deps = matches!(name.as_str(), "pacer" | "prometheus" | "grafana");
+        assert_eq!(deps > 0, expect_deps, "{name}: dependencies {deps}");
+    }
+    for name in ["sim", "pacer"] {
+        let lines = &services.iter().find(|(n, _)| n == name).expect("service").1;
+        assert!(
+            has(lines, "  image: pacer:local"),
+            "{name} runs another image"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("\"pacer\", \"healthcheck\"")),
+            "{name} is not checked with pacer healthcheck"
+        );
+    }
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).expect("Dockerfile");
+    assert!(dockerfile.contains("HEALTHCHECK"), "{dockerfile}");
+    assert!(
+        dockerfile.contains("CMD [\"pacer\", \"healthcheck\"]"),
+        "{dockerfile}"
+    );
+}
