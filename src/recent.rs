@@ -101,24 +101,20 @@ impl Recent {
 
     /// Counts `event` for `upstream` and `client` now.
     pub fn record(&self, upstream: &str, client: &str, event: Event) {
-        self.record_at(upstream, client, event, Instant::now());
+        // Most admissions wait for nothing: they cost no clock read and no lock here.
+        if let Some(add) = counted(event) {
+            self.add_at(upstream, client, add, Instant::now());
+        }
     }
 
     /// Counts `event` for `upstream` and `client` at `now`.
     pub fn record_at(&self, upstream: &str, client: &str, event: Event, now: Instant) {
-        let mut add = Counts::default();
-        match event {
-            Event::Upstream(429) => add.upstream_429 = 1,
-            Event::Upstream(401) => add.upstream_401 = 1,
-            Event::Upstream(_) => return,
-            Event::Shed => add.shed = 1,
-            Event::Waited(d) if d >= QUEUED_AFTER => {
-                add.queued = 1;
-                add.wait_seconds_total = d.as_secs_f64();
-                add.wait_seconds_max = d.as_secs_f64();
-            }
-            Event::Waited(_) => return,
+        if let Some(add) = counted(event) {
+            self.add_at(upstream, client, add, now);
         }
+    }
+
+    fn add_at(&self, upstream: &str, client: &str, add: Counts, now: Instant) {
         let minute = self.minute(now);
         let mut key: Key = (Arc::from(upstream), Arc::from(client));
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
@@ -171,6 +167,24 @@ impl Recent {
         // Bucket 0 is never "unused" by accident: minutes start at 1.
         now.saturating_duration_since(self.start).as_secs() / BUCKET.as_secs() + 1
     }
+}
+
+/// What `event` adds to its pair's counts, if anything.
+fn counted(event: Event) -> Option<Counts> {
+    let mut add = Counts::default();
+    match event {
+        Event::Upstream(429) => add.upstream_429 = 1,
+        Event::Upstream(401) => add.upstream_401 = 1,
+        Event::Upstream(_) => return None,
+        Event::Shed => add.shed = 1,
+        Event::Waited(d) if d >= QUEUED_AFTER => {
+            add.queued = 1;
+            add.wait_seconds_total = d.as_secs_f64();
+            add.wait_seconds_max = d.as_secs_f64();
+        }
+        Event::Waited(_) => return None,
+    }
+    Some(add)
 }
 
 fn in_window(b: &Bucket, minute: u64) -> bool {
