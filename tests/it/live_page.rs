@@ -233,7 +233,7 @@ async fn headless_chromium_renders_client_and_limit_names_from_status() {
             "shed by pacer: 2",
             "upstream 429: 1",
             "upstream 401: 1",
-            "3 / 3 per 60.0 s",
+            "3 / 3 per 1 min",
         ] {
             assert!(
                 dom.contains(rendered),
