@@ -9,6 +9,7 @@ mod support;
 mod broker;
 mod cli;
 mod deps;
+mod egress;
 mod fuzz_replay;
 mod h2_abuse;
 mod health;
