@@ -8,6 +8,7 @@ mod support;
 
 mod broker;
 mod cli;
+mod config_watch;
 mod deps;
 mod egress;
 mod fuzz_replay;
