@@ -15,6 +15,7 @@ mod fuzz_replay;
 mod h2_abuse;
 mod health;
 mod hostile;
+mod kubernetes;
 mod limits;
 mod live_page;
 mod observability;
