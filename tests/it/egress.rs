@@ -228,7 +228,7 @@ async fn environment_proxy_applies_no_proxy_bypasses_it_and_the_key_wins() {
 }
 
 #[tokio::test]
-async fn an_unreachable_egress_proxy_is_a_502() {
+async fn an_unreachable_or_refusing_egress_proxy_is_a_502() {
     let _slot = slot(Load::Timed).await;
     within("egress proxy down", async {
         let certs = TestCerts::new();
@@ -243,12 +243,39 @@ async fn an_unreachable_egress_proxy_is_a_502() {
             .get("/api/x", &[])
             .await
             .assert_pacer_error(StatusCode::BAD_GATEWAY);
+
+        // A proxy that refuses the tunnel (407, no credentials) is a 502 as well.
+        let refusing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refusing_addr = refusing.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut conn, _)) = refusing.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n",
+                    )
+                    .await;
+            }
+        });
+        let config = one_route_config(
+            "",
+            &up.url_localhost(),
+            &format!("{}\nproxy = \"http://{refusing_addr}\"", ca_line(&certs)),
+        );
+        let pacer = start_pacer(&config).await;
+        TestClient::http1(pacer.proxy_addr)
+            .get("/api/x", &[])
+            .await
+            .assert_pacer_error(StatusCode::BAD_GATEWAY);
+        task.abort();
         assert_eq!(up.count(), 0);
     })
     .await;
 }
 
-/// The real binary reads the process environment (lower-case `https_proxy` here).
+/// The real binary reads the process environment (lower-case `https_proxy` here, with
+/// credentials that must reach the proxy and never the log).
 #[tokio::test]
 async fn the_binary_takes_the_proxy_from_its_environment() {
     let _slot = slot(Load::Timed).await;
@@ -260,35 +287,50 @@ async fn the_binary_takes_the_proxy_from_its_environment() {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let dir = crate::support::unique_temp_dir("egress");
         let file = dir.join("pacer.toml");
+        let log = dir.join("stderr.log");
         let config = one_route_config(
             &format!("listen = \"{addr}\"\nadmin_listen = \"127.0.0.1:0\""),
             &up.url_localhost(),
             &ca_line(&certs),
         );
         std::fs::write(&file, config).unwrap();
+        const PASSWORD: &str = "Pr0xyPassw0rd";
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pacer"))
             .args(["run", "--config", file.to_str().unwrap()])
             .env_remove("HTTPS_PROXY")
             .env_remove("NO_PROXY")
             .env_remove("no_proxy")
-            .env("https_proxy", proxy.url())
+            .env(
+                "https_proxy",
+                format!("http://svc:{PASSWORD}@{}", proxy.addr),
+            )
+            .env("PACER_LOG", "debug")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn pacer");
         wait_listening(addr, "pacer").await;
         let reply = TestClient::http1(addr).get("/api/child", &[]).await;
         assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+        use base64::Engine as _;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("svc:{PASSWORD}"));
         assert_eq!(
             proxy.tunnels(),
             vec![Tunnel {
                 target: format!("localhost:{}", up.addr.port()),
-                auth: None,
+                auth: Some(format!("Basic {basic}")),
             }]
         );
         let _ = child.start_kill();
         let _ = child.wait().await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("egress through a CONNECT proxy"), "{text}");
+        assert!(text.contains("https_proxy"), "{text}");
+        assert!(
+            !text.contains(PASSWORD) && !text.contains(&basic),
+            "proxy credentials logged:\n{text}"
+        );
         let _ = std::fs::remove_dir_all(dir);
     })
     .await;
