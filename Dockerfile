@@ -24,8 +24,12 @@ RUN apt-get update \
 COPY --from=builder /out/pacer /usr/local/bin/pacer
 COPY config/pacer.toml /etc/pacer/pacer.example.toml
 USER 10001:10001
-# 8080: the proxy; 9090: admin (/metrics, /healthz, /readyz, /status).
+# 8080: the proxy; 9090: admin (/ live page, /metrics, /healthz, /readyz, /status).
 EXPOSE 8080 9090
 ENV PACER_LOG=info
+# Asks /readyz on the admin listener: 127.0.0.1:9090, or the `admin_listen` of the file in
+# PACER_CONFIG when that is set (an unspecified address is asked on loopback).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["pacer", "healthcheck"]
 ENTRYPOINT ["pacer"]
 CMD ["run", "--config", "/etc/pacer/pacer.toml"]

@@ -33,6 +33,7 @@ use crate::identity::{Caller, Identified};
 use crate::limit::LayerKey;
 use crate::metrics::{InflightGauge, Metrics, RequestLabels};
 use crate::queue::{Admission, Permit, Reservation};
+use crate::recent::Event;
 use crate::route::{RouteMatch, Routed};
 use crate::server::ConnInfo;
 use crate::shadow::{pause_label, verdict, Subject, Verdict};
@@ -193,6 +194,11 @@ impl Admit {
             reservation.waited().as_secs_f64(),
         );
         self.record_shadow(&reservation, &upstream_name, &caller.label, max_wait);
+        self.metrics.recent().record(
+            &upstream_name,
+            &caller.label,
+            Event::Waited(reservation.waited()),
+        );
         let rate_headers = reservation.headers();
         let gauge = self.metrics.inflight_gauge(&upstream_name, &caller.label);
         gauge.up();

@@ -7,6 +7,7 @@ use crate::answer::ProxyBody;
 use crate::config::Config;
 use crate::edge;
 use crate::proxy::Proxy;
+use crate::reload::ConfigFile;
 use crate::server::{self, ConnInfo, ConnSettings};
 use arc_swap::ArcSwap;
 use futures_util::FutureExt as _;
@@ -224,31 +225,34 @@ impl tower::Service<Request<ProxyBody>> for Handle {
     }
 }
 
-/// Serves until SIGINT/SIGTERM, then shuts down gracefully. On SIGHUP the file is read
-/// again: a valid configuration is put in force, an invalid one is reported with every
-/// error and the old one stays.
+/// Serves until SIGINT/SIGTERM, then shuts down gracefully. The file is read again on
+/// SIGHUP and, with `[server] watch_config`, whenever its content changes (see
+/// [`crate::reload`]): a valid configuration is put in force, an invalid one is reported
+/// with every error and the old one stays.
 pub async fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<(), StartError> {
     let extra = server::worker_count(config.server.workers).saturating_sub(1);
     let running = start_with_workers(config, extra, Some(LogSink::stdout())).await?;
+    let mut file = match path {
+        Some(path) => Some(ConfigFile::new(path).await),
+        None => None,
+    };
+    let mut poll = tokio::time::interval(crate::reload::POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut hup = ReloadSignal::new();
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
+        let watching = file.is_some() && running.proxy().config.server.watch_config;
         tokio::select! {
             _ = &mut stop => break,
-            _ = reload_signal() => {
-                let Some(path) = &path else { continue };
-                match Config::load(path) {
-                    Ok(config) => {
-                        if let Err(e) = running.reload(config) {
-                            tracing::error!(error = %e, "reload failed; keeping the configuration in force");
-                        }
-                    }
-                    Err(errors) => {
-                        for e in &errors.0 {
-                            tracing::error!(error = %e, "invalid configuration");
-                        }
-                        tracing::error!(file = %path.display(), "reload refused; keeping the configuration in force");
-                    }
+            _ = hup.recv() => {
+                if let Some(file) = &mut file {
+                    file.reload(&running).await;
+                }
+            }
+            _ = poll.tick(), if watching => {
+                if let Some(file) = &mut file {
+                    file.check(&running).await;
                 }
             }
         }
@@ -258,17 +262,30 @@ pub async fn run(config: Config, path: Option<std::path::PathBuf>) -> Result<(),
     Ok(())
 }
 
-/// Resolves on SIGHUP (never elsewhere).
-async fn reload_signal() {
+/// SIGHUPs, listened for once for the whole run so that none is missed between polls.
+struct ReloadSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            hup.recv().await;
-            return;
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl ReloadSignal {
+    fn new() -> Self {
+        ReloadSignal {
+            #[cfg(unix)]
+            hup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
         }
     }
-    std::future::pending::<()>().await
+
+    /// Resolves on the next SIGHUP (never elsewhere).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(hup) = &mut self.hup {
+            if hup.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

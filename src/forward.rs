@@ -4,6 +4,7 @@
 use crate::admit::{Admitted, Answering};
 use crate::answer::{BoxError, ProxyBody};
 use crate::config::{Cidr, UpstreamConfig};
+use crate::egress::Connector;
 use crate::error::{ErrorKind, ProxyError};
 use crate::identity::TokenResolver;
 use crate::metrics::Metrics;
@@ -38,7 +39,7 @@ pub struct Upstream {
     timeout: Duration,
     /// One connection pool per serving thread ([`crate::server::worker`]), so that a
     /// connection's task runs on the thread whose requests use it.
-    clients: Vec<Client<HttpsConnector<HttpConnector>, ProxyBody>>,
+    clients: Vec<Client<HttpsConnector<Connector>, ProxyBody>>,
     /// Retries of failed connections, shared by all requests to this upstream.
     retry_budget: governor::DefaultDirectRateLimiter,
 }
@@ -103,12 +104,16 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(cfg.connect_timeout.0));
+        if let Some(p) = &cfg.egress {
+            // The URI carries no credentials: they are in `auth`, never printed.
+            tracing::info!(upstream = %cfg.name, proxy = %p.uri, from = p.source, "egress through a CONNECT proxy");
+        }
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(Connector::new(http, cfg.egress.as_ref()));
         let clients = (0..workers.max(1))
             .map(|_| {
                 Client::builder(TokioExecutor::new())

@@ -45,6 +45,20 @@ enum Command {
         /// Configuration file (TOML).
         file: PathBuf,
     },
+    /// Exit 0 when a running pacer's `/readyz` answers 200, non-zero otherwise (for
+    /// container health checks: no curl needed).
+    Healthcheck {
+        /// Admin address (`host:port`) to ask; default: the configuration's
+        /// `admin_listen` if `--config`/`PACER_CONFIG` is given, else 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Configuration file to read `[server] admin_listen` from.
+        #[arg(long, short, env = "PACER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Longest wait for the answer.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Run the built-in Genesys-like upstream simulator.
     Simulate {
         /// Address to listen on.
@@ -128,6 +142,34 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("pacer: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Healthcheck {
+            admin,
+            config,
+            timeout,
+        } => {
+            use pacer::healthcheck::{admin_address, check};
+            let addr = match admin_address(admin, config.as_deref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("pacer healthcheck: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match runtime(true) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            match runtime.block_on(check(&addr, timeout)) {
+                Ok(body) => {
+                    println!("{addr}: {body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pacer healthcheck: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -6,6 +6,7 @@
 //! ([`HandleCache`]): a repeated label set costs a hash of the borrowed label values and a
 //! lock-free look-up, not a [`Key`] of owned `String`s and a registry look-up.
 
+use crate::recent::{Event, Recent};
 use metrics::{Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use std::fmt::Write as _;
@@ -48,6 +49,8 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     cache: Caches,
+    /// The last minutes' 429s, 401s, sheds and waits per client, for `/status`.
+    recent: Recent,
 }
 
 /// Label sets whose handles are kept, per family (powers of two). Label values reaching
@@ -228,6 +231,7 @@ impl Metrics {
             recorder,
             handle,
             cache: Caches::new(cap),
+            recent: Recent::default(),
         }
     }
 
@@ -268,8 +272,17 @@ impl Metrics {
         );
     }
 
+    /// The last minutes' events per client (see [`Recent`]).
+    pub fn recent(&self) -> &Recent {
+        &self.recent
+    }
+
     /// `pacer_upstream_responses_total`: one per upstream answer, by status code.
     pub fn upstream_response(&self, upstream: &str, client: &str, endpoint: &str, status: u16) {
+        if status == 429 || status == 401 {
+            self.recent
+                .record(upstream, client, Event::Upstream(status));
+        }
         let register = || {
             self.counter(
                 "pacer_upstream_responses_total",
@@ -290,6 +303,7 @@ impl Metrics {
 
     /// `pacer_shed_total`: one per shed request, by reason.
     pub fn shed(&self, upstream: &str, client: &str, reason: &str) {
+        self.recent.record(upstream, client, Event::Shed);
         let register = || {
             self.counter(
                 "pacer_shed_total",

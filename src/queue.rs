@@ -434,6 +434,11 @@ impl Admission {
         self.shared.lock().depth_by_upstream.clone()
     }
 
+    /// Waiting requests per limit key (all classes), for `/status`.
+    pub fn waiting(&self) -> HashMap<LayerKey, u64> {
+        self.shared.lock().waiting_by_layer()
+    }
+
     /// Use of every key with state: (layer, used, in flight).
     pub fn usage(&self) -> Vec<(LayerKey, u64, u64)> {
         self.shared.backend.usage()

@@ -7,18 +7,28 @@ use crate::metrics::Gauge;
 use crate::proxy::Proxy;
 use std::collections::BTreeMap;
 
-/// A JSON snapshot for `/status`: limit use, queue depths, pauses.
+/// A JSON snapshot for `/status`: limit use and waiting requests per key, queue depths,
+/// pauses, adaptive cuts, and the last minutes' 429s, 401s, sheds and waits per client.
 pub fn status(proxy: &Proxy) -> serde_json::Value {
     // Show the cuts and ceilings other replicas shared, as the next admission will.
     let (version, shared) = proxy.admission.shared_adaptive();
     proxy.adaptive.merge(version, &shared);
     let set = proxy.admission.limits();
+    let waiting = proxy.admission.waiting();
     let usage: Vec<_> = proxy
         .admission
         .usage()
         .into_iter()
         .map(|(layer, used, inflight)| {
             let spec = &set.specs[layer.limit];
+            let (client, endpoint) = match &layer.part {
+                KeyPart::Global => (None, None),
+                KeyPart::Client(c) => (Some(client_label(proxy, c)), None),
+                KeyPart::Endpoint(e) => (None, Some(e.to_string())),
+                KeyPart::ClientEndpoint(c, e) => {
+                    (Some(client_label(proxy, c)), Some(e.to_string()))
+                }
+            };
             serde_json::json!({
                 "limit": &*spec.name,
                 "key": layer.part.label(),
@@ -26,20 +36,39 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
                 "quota": spec.requests,
                 "inflight": inflight,
                 "concurrency": spec.concurrency.map(|c| c[0]),
+                "client": client,
+                "endpoint": endpoint,
+                "per_seconds": spec.requests.map(|_| spec.per.as_secs_f64()),
+                "waiting": waiting.get(&layer).copied().unwrap_or(0),
                 "shadow": spec.shadow,
             })
         })
         .collect();
+    let upstream_name = |u: usize| proxy.upstreams.get(u).map(|u| u.name.to_string());
     let pauses: Vec<_> = proxy
         .admission
         .pauses()
         .into_iter()
         .map(|((u, caller), left)| {
             serde_json::json!({
-                "upstream": proxy.upstreams.get(u).map(|u| u.name.to_string()),
+                "upstream": upstream_name(u),
                 "client": &*caller,
+                "label": client_label(proxy, &caller),
                 "seconds": left.as_secs_f64(),
             })
+        })
+        .collect();
+    let depth_by_upstream = proxy.admission.depth_by_upstream();
+    let by_upstream: BTreeMap<String, serde_json::Value> = proxy
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let d = depth_by_upstream.get(&i).copied().unwrap_or_default();
+            (
+                u.name.to_string(),
+                serde_json::json!({"critical": d[0], "normal": d[1], "bulk": d[2]}),
+            )
         })
         .collect();
     let depth = proxy.admission.depth();
@@ -47,6 +76,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
         "draining": proxy.is_draining(),
         "upstreams": proxy.upstreams.iter().map(|u| u.name.to_string()).collect::<Vec<_>>(),
         "queue": {"critical": depth[0], "normal": depth[1], "bulk": depth[2]},
+        "queue_by_upstream": by_upstream,
         "limits": usage,
         "pauses": pauses,
         "limiter_keys": proxy.admission.keys(),
@@ -57,8 +87,9 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             .reports()
             .into_iter()
             .map(|r| serde_json::json!({
-                "upstream": proxy.upstreams.get(r.key.0).map(|u| u.name.to_string()),
+                "upstream": upstream_name(r.key.0),
                 "client": &*r.key.1,
+                "label": client_label(proxy, &r.key.1),
                 "factor": r.factor,
                 "cuts": r.cuts,
                 "seconds": r.hold_left.as_secs_f64(),
@@ -68,6 +99,10 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             .collect::<Vec<_>>(),
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
+        "recent": {
+            "minutes": crate::recent::MINUTES,
+            "clients": proxy.metrics.recent().snapshot(),
+        },
     })
 }
 
@@ -104,6 +139,11 @@ fn shadow_status(proxy: &Proxy) -> serde_json::Value {
         "limits": limits,
         "would": would,
     })
+}
+
+/// A limiter key's caller as its metric label (bounded; see [`key_label`]).
+fn client_label(proxy: &Proxy, caller: &str) -> String {
+    proxy.identity.label_of(caller).to_string()
 }
 
 /// Which keys keep the critical reserve, and why (see [`crate::reserve`]).

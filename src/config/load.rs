@@ -65,6 +65,7 @@ impl Config {
             }
         }
         config.validate(&mut errors);
+        config.resolve_egress(lookup, &mut errors);
         if errors.is_empty() {
             config.limits = presets::with_preset_limits(&config.upstreams, config.limits);
             Ok(config)

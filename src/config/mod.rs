@@ -3,12 +3,14 @@
 //! Every mistake is reported with its key path (`upstream[1].url: relative URL "api"`), all
 //! of them at once, so one `pacer check-config` run shows everything to fix.
 
+mod egress;
 mod env;
 mod load;
 mod presets;
 mod types;
 mod validate;
 
+pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
 pub use types::{Cidr, Dur, IdentitySource, Priority, Scope, Secret, UnknownClients};
@@ -255,6 +257,9 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<Cidr>,
     /// How long in-flight requests may finish after a shutdown signal.
     pub shutdown_grace: Dur,
+    /// Reload when the configuration file's content changes on disk (polled every second;
+    /// `pacer run` only). SIGHUP reloads either way.
+    pub watch_config: bool,
     /// Open client connections at most; more wait in the kernel backlog.
     pub max_connections: usize,
     /// Threads serving the proxy listener, each with its own single-threaded runtime and
@@ -298,6 +303,7 @@ impl Default for ServerConfig {
             tls: None,
             trusted_proxies: Vec::new(),
             shutdown_grace: Dur::secs(30),
+            watch_config: true,
             max_connections: 10_000,
             workers: 0,
             http2_max_concurrent_streams: 100,
@@ -343,6 +349,13 @@ pub struct UpstreamConfig {
     /// Idle pooled connections are closed after this.
     #[serde(default = "defaults::pool_idle_timeout")]
     pub pool_idle_timeout: Dur,
+    /// Egress proxy, `http://[user:password@]host:port`, tunnelled with `CONNECT`; `"none"`
+    /// connects directly. Unset: `HTTPS_PROXY`/`HTTP_PROXY` and `NO_PROXY` apply.
+    #[serde(default)]
+    pub proxy: Option<Secret>,
+    /// The proxy in force, resolved at load from `proxy` or the environment.
+    #[serde(skip)]
+    pub egress: Option<EgressProxy>,
 }
 
 /// `[[route]]`: which requests go to which upstream, and how they are treated.

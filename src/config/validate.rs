@@ -70,6 +70,17 @@ impl Config {
             if let Err(m) = check_upstream_url(&u.url) {
                 err(format!("{p}.url"), m);
             }
+            match u.proxy.as_ref().map(|p| p.expose().trim()) {
+                None | Some(NO_PROXY_KEYWORD) => {}
+                Some(proxy) => {
+                    if let Err(m) = parse_proxy(proxy, "proxy") {
+                        err(
+                            format!("{p}.proxy"),
+                            format!("{m}, or \"{NO_PROXY_KEYWORD}\""),
+                        );
+                    }
+                }
+            }
             if u.timeout.0.is_zero() {
                 err(format!("{p}.timeout"), "must be greater than zero".into());
             }

@@ -98,6 +98,14 @@ impl State {
             .collect()
     }
 
+    /// Waiting requests per layer, all classes together.
+    pub(super) fn waiting_by_layer(&self) -> HashMap<LayerKey, u64> {
+        self.waiting
+            .iter()
+            .map(|(k, c)| (k.clone(), c.iter().sum()))
+            .collect()
+    }
+
     /// Requests waiting in all classes.
     pub(super) fn queued(&self) -> usize {
         self.depth.iter().sum()

@@ -189,6 +189,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBod
         "/sim/stats" if req.method() == Method::GET => {
             answer::json_response(StatusCode::OK, &shared.lock().0.stats())
         }
+        // For container health checks (`pacer healthcheck --admin SIM_ADDR`).
+        "/readyz" | "/healthz" if req.method() == Method::GET => {
+            answer::json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+        }
         "/sim/reset" if req.method() == Method::POST => {
             shared.lock().0.reset();
             let mut resp = Response::new(answer::full(Bytes::new()));

@@ -124,6 +124,8 @@ fn config(port: u16, upstream: &str, prefix: &str) -> String {
 [server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:0"
+# SIGHUP alone reloads here (the file watch has tests of its own: config_watch.rs).
+watch_config = false
 [[upstream]]
 name = "api"
 url = "{upstream}"
