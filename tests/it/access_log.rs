@@ -6,11 +6,7 @@ use crate::support::*;
 use http::StatusCode;
 use serde_json::Value;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pacer");
 const TOKEN: &str = "AccessLogBearerToken0123456789abcdef";
 const KEY: &str = "access-log-inbound-KEY-4d7e1a";
 const WRONG_KEY: &str = "access-log-wrong-KEY-9b3c";
@@ -36,96 +32,19 @@ fn config(port: u16, admin: u16, upstream: &str, dead: SocketAddr) -> String {
     )
 }
 
-/// `pacer run` as a child process, its stdout and stderr in files.
-struct Pacer {
-    child: Child,
-    dir: PathBuf,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Pacer {
-    async fn start(upstream: &TestUpstream, format: Option<&str>) -> Pacer {
-        let (port, admin_port) = (free_port(), free_port());
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let dir = unique_temp_dir("access-log");
-        let file = dir.join("pacer.toml");
-        std::fs::write(
-            &file,
-            config(port, admin_port, &upstream.url(), dead_addr()),
-        )
-        .unwrap();
-        let mut cmd = Command::new(BIN);
-        cmd.args(["run", "--config", file.to_str().unwrap()])
-            .env(KEY_VAR, KEY)
-            .env("PACER_LOG", "debug")
-            .env_remove("PACER_LOG_FORMAT")
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap());
-        if let Some(f) = format {
-            cmd.env("PACER_LOG_FORMAT", f);
-        }
-        let mut pacer = Pacer {
-            child: cmd.spawn().unwrap(),
-            dir,
-            addr,
-            admin,
-        };
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if let Some(status) = pacer.child.try_wait().unwrap() {
-                panic!("pacer exited with {status}:\n{}", pacer.read("stderr"));
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "pacer did not listen on {addr}:\n{}",
-                pacer.read("stderr")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        pacer
+/// `pacer run` on [`config`] in front of `upstream`, with `PACER_LOG_FORMAT` when given.
+async fn start(upstream: &TestUpstream, format: Option<&str>) -> PacerProcess {
+    let url = upstream.url();
+    let mut env = vec![(KEY_VAR, KEY), ("PACER_LOG", "debug")];
+    if let Some(f) = format {
+        env.push(("PACER_LOG_FORMAT", f));
     }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
-    }
-
-    /// The stdout lines once there are at least `n`.
-    async fn lines(&self, n: usize) -> Vec<String> {
-        let started = Instant::now();
-        loop {
-            let text = self.read("stdout");
-            let lines: Vec<String> = text.lines().map(str::to_string).collect();
-            if lines.len() >= n {
-                return lines;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{} of {n} access lines:\n{text}",
-                lines.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Stops the process with SIGTERM; it must exit cleanly.
-    fn stop(mut self) -> (String, String) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let exited = self.child.wait().unwrap();
-        assert!(exited.success(), "pacer exited with {exited:?}");
-        (self.read("stdout"), self.read("stderr"))
-    }
-}
-
-impl Drop for Pacer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    PacerProcess::start(
+        "access-log",
+        |port, admin| config(port, admin, &url, dead_addr()),
+        &env,
+    )
+    .await
 }
 
 /// A request with a bearer token, a query value and its own request id.
@@ -167,7 +86,7 @@ async fn json_lines_for_every_kind_of_answer_on_stdout() {
     let _slot = slot(Load::Timed).await;
     within("access log", async {
         let upstream = TestUpstream::start().await;
-        let pacer = Pacer::start(&upstream, None).await;
+        let pacer = start(&upstream, None).await;
         let client = TestClient::http1(pacer.addr);
 
         // Forwarded, with a correlation id from the upstream and a body both ways.
@@ -224,7 +143,7 @@ async fn json_lines_for_every_kind_of_answer_on_stdout() {
         assert_eq!(made.len(), 36, "{made}");
 
         let lines: Vec<Value> = pacer
-            .lines(10)
+            .stdout_lines(10)
             .await
             .iter()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -336,13 +255,13 @@ async fn pacer_log_format_text_overrides_the_file() {
     let _slot = slot(Load::Timed).await;
     within("text access log", async {
         let upstream = TestUpstream::start().await;
-        let pacer = Pacer::start(&upstream, Some("text")).await;
+        let pacer = start(&upstream, Some("text")).await;
         let client = TestClient::http1(pacer.addr);
         let reply = get(&client, &format!("/api/v2/users/{USER_ID}"), "text-1", &[]).await;
         assert_eq!(reply.status, StatusCode::OK);
         let lost = get(&client, "/nowhere", "text-2", &[]).await;
         assert_eq!(lost.status, StatusCode::NOT_FOUND);
-        let lines = pacer.lines(2).await;
+        let lines = pacer.stdout_lines(2).await;
         let ok = lines
             .iter()
             .find(|l| l.contains("request_id=text-1"))

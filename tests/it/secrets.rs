@@ -3,14 +3,16 @@
 //! `tokens/me`, a route with an inbound key) runs with every log record at TRACE captured,
 //! then the captured text, `/metrics` and `/status` are searched for every secret used.
 //!
-//! This binary installs the process-wide subscriber, so it holds one test only.
+//! pacer runs as its own process (`pacer run`, `PACER_LOG=trace`) and its whole stdout
+//! (the access log) and stderr (every tracing record) are searched. A subscriber scoped to
+//! one thread of this test process would race the other tests: tracing caches per callsite
+//! whether anyone listens, and a callsite first reached on another test's thread while the
+//! scoped subscriber was the only one registered is cached as "never" for good.
 
 use crate::support::*;
 use base64::Engine as _;
 use http::{Method, StatusCode};
 use pacer::sim::{SimConfig, Simulator};
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 const CLIENT_ID: &str = "secrets-client";
 const CLIENT_SECRET: &str = "S3cr3t-Client-Secret-7f1d9a";
@@ -21,51 +23,6 @@ const INBOUND_KEY: &str = "inbound-KEY-9c2e5b3f";
 const WRONG_KEY: &str = "wrong-inbound-KEY-e1f2";
 const FORGED_TOKEN: &str = "forgedTokenNeverIssued0123456789abcdef";
 const KEY_VAR: &str = "PACER_SECRETS_TEST_INBOUND_KEY";
-
-/// Everything every subscriber layer wrote, in one buffer.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
-    }
-}
-
-/// Captures every record at every level from every crate, including `log` records
-/// (rustls logs through `log`), as the default of this thread until the guard is dropped.
-/// The test runs on a current-thread runtime, so pacer's and the simulator's tasks all log
-/// on this thread; the other tests of the process keep their own (no) subscriber.
-fn install_capture() -> (Capture, tracing::subscriber::DefaultGuard) {
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let capture = Capture::default();
-    let guard = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(capture.clone())
-        .finish()
-        // Sets this thread's default and bridges the `log` crate (tracing-log).
-        .set_default();
-    (capture, guard)
-}
 
 fn basic(id: &str, secret: &str) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
@@ -103,9 +60,8 @@ fn leak_context(haystack: &str, needle: &str) -> Option<String> {
 #[tokio::test]
 async fn no_secret_reaches_logs_or_metrics() {
     let _slot = slot(Load::Timed).await;
-    let (capture, _capture_guard) = install_capture();
 
-    let (metrics, status, secrets) = within("secrets flow", async {
+    let (logs, metrics, status, secrets) = within("secrets flow", async {
         let sim_config = SimConfig::from_toml_str(&format!(
             "window = \"60s\"\nclient_requests = 1000\norg_requests = 10000\n\
              [[client]]\nid = \"{CLIENT_ID}\"\nsecret = \"{CLIENT_SECRET}\"\n\
@@ -116,25 +72,29 @@ async fn no_secret_reaches_logs_or_metrics() {
             .await
             .expect("simulator starts");
         let url = sim.url();
-        let pacer = start_pacer_with_env(
-            &format!(
-            "[[upstream]]\nname = \"api\"\nurl = \"{url}\"\n\n\
-             [[upstream]]\nname = \"login\"\nurl = \"{url}\"\n\n\
-             [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\n\
-             [[route]]\nprefix = \"/oauth/\"\nupstream = \"login\"\n\n\
-             [[route]]\nprefix = \"/crm/\"\nupstream = \"api\"\nstrip_prefix = true\n\
-             identity = [\"basic-user\"]\n\
-             inbound_auth = {{ header = \"x-pacer-key\", keys = [\"${{{KEY_VAR}}}\"] }}\n\n\
-             [identity]\ntokens_me = true\n\n\
-             [[client]]\nid = \"{CLIENT_ID}\"\nname = \"secrets\"\n\n\
-             [[limit]]\nname = \"per-client\"\nupstream = \"api\"\nscope = \"client\"\n\
-             requests = 1000\nper = \"60s\"\n"
-            ),
-            &[(KEY_VAR, INBOUND_KEY)],
+        let pacer = PacerProcess::start(
+            "secrets",
+            |port, admin| {
+                format!(
+                    "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nshutdown_grace = \"1s\"\n\n\
+                     [[upstream]]\nname = \"api\"\nurl = \"{url}\"\n\n\
+                     [[upstream]]\nname = \"login\"\nurl = \"{url}\"\n\n\
+                     [[route]]\nprefix = \"/\"\nupstream = \"api\"\n\n\
+                     [[route]]\nprefix = \"/oauth/\"\nupstream = \"login\"\n\n\
+                     [[route]]\nprefix = \"/crm/\"\nupstream = \"api\"\nstrip_prefix = true\n\
+                     identity = [\"basic-user\"]\n\
+                     inbound_auth = {{ header = \"x-pacer-key\", keys = [\"${{{KEY_VAR}}}\"] }}\n\n\
+                     [identity]\ntokens_me = true\n\n\
+                     [[client]]\nid = \"{CLIENT_ID}\"\nname = \"secrets\"\n\n\
+                     [[limit]]\nname = \"per-client\"\nupstream = \"api\"\nscope = \"client\"\n\
+                     requests = 1000\nper = \"60s\"\n"
+                )
+            },
+            &[(KEY_VAR, INBOUND_KEY), ("PACER_LOG", "trace")],
         )
         .await;
-        let h1 = TestClient::http1(pacer.proxy_addr);
-        let h2 = TestClient::h2c(pacer.proxy_addr);
+        let h1 = TestClient::http1(pacer.addr);
+        let h2 = TestClient::h2c(pacer.addr);
 
         // Tokens issued through pacer: Basic credentials, and credentials in the form body.
         let t_basic = access_token(
@@ -212,10 +172,12 @@ async fn no_secret_reaches_logs_or_metrics() {
             .await;
         wrong.assert_pacer_error(StatusCode::UNAUTHORIZED);
 
-        let admin = TestClient::http1(pacer.admin_addr.expect("admin listener"));
+        let admin = TestClient::http1(pacer.admin);
         let metrics = admin.get("/metrics", &[]).await.text();
         let status = admin.get("/status", &[]).await.text();
-        pacer.shutdown().await;
+        // Idle keep-alive connections hold a graceful shutdown until its grace (1 s here).
+        drop((h1, h2, direct, admin));
+        let (stdout, stderr) = pacer.stop();
         sim.shutdown().await;
 
         let b64 = |id: &str, s: &str| {
@@ -235,17 +197,20 @@ async fn no_secret_reaches_logs_or_metrics() {
             ("token issued directly", t_direct),
             ("forged token", FORGED_TOKEN.into()),
         ];
-        (metrics, status, secrets)
+        (format!("{stdout}{stderr}"), metrics, status, secrets)
     })
     .await;
 
-    let logs = capture.text();
-    // The capture works: pacer's own records and hyper's trace records are in it.
+    // The capture works: pacer's own records, hyper's trace records and access lines.
     assert!(
         logs.contains("pacer listening"),
         "capture is empty?\n{logs}"
     );
     assert!(logs.contains("TRACE"), "no TRACE records captured");
+    assert!(
+        logs.contains("\"endpoint\":\"GET /api/v2/users/me\""),
+        "no access lines captured"
+    );
     assert!(metrics.contains("pacer_requests_total"), "{metrics}");
 
     let report = format!(
