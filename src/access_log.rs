@@ -130,7 +130,7 @@ pub struct Record {
     pub request_id: HeaderValue,
     /// `inin-correlation-id` of the answer (the `contextId` of pacer's own answers).
     pub correlation_id: Option<HeaderValue>,
-    /// Request body bytes read, counted by [`CountedBody`].
+    /// Request body bytes read, counted by [`counted`].
     pub bytes_in: Arc<AtomicU64>,
 }
 
@@ -306,43 +306,15 @@ impl Body for LoggedBody {
     }
 }
 
-/// A request body that counts the bytes read from it into a shared counter.
-pub struct CountedBody {
-    inner: ProxyBody,
-    read: Arc<AtomicU64>,
-}
-
-impl CountedBody {
-    /// `inner`, counting into `read`, as a [`ProxyBody`].
-    pub fn wrap(inner: ProxyBody, read: Arc<AtomicU64>) -> ProxyBody {
-        CountedBody { inner, read }.boxed_unsync()
-    }
-}
-
-impl Body for CountedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.read.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+/// `body`, counting the bytes read from it into `read` (http-body-util's `map_frame`).
+pub fn counted(body: ProxyBody, read: Arc<AtomicU64>) -> ProxyBody {
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            read.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+        frame
+    })
+    .boxed_unsync()
 }
 
 /// Longest caller-supplied `x-request-id` kept.

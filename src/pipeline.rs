@@ -6,7 +6,7 @@
 //! forwarding phase takes only an [`Admitted`] request, which only admission makes, and
 //! admission takes only an [`Identified`] one. Each phase holds only the handles it uses.
 
-use crate::access_log::{self, AccessLog, CountedBody, Record};
+use crate::access_log::{self, AccessLog, Record};
 use crate::admit::{Admit, Admitted};
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, Brokered};
@@ -55,7 +55,7 @@ impl Pipeline {
         let bytes_in = Arc::new(AtomicU64::new(0));
         if self.access_log.is_some() {
             let counter = bytes_in.clone();
-            req = req.map(|b| CountedBody::wrap(b, counter));
+            req = req.map(|b| access_log::counted(b, counter));
         }
         let result =
             match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels)).await {
