@@ -47,16 +47,20 @@ impl Pipeline {
     /// pacer's own answers and records what became of it: metrics, the request id on the
     /// answer, and the access log line once the answer has been sent.
     pub async fn handle(&self, mut req: Request<ProxyBody>, conn: ConnInfo) -> Response<ProxyBody> {
-        let (at, started) = (SystemTime::now(), Instant::now());
         let mut labels = RequestLabels::default();
         let method = req.method().clone();
         // Kept from the caller or made here; forwarded upstream with the request.
         let request_id = access_log::request_id(req.headers_mut());
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        if self.access_log.is_some() {
-            let counter = bytes_in.clone();
-            req = req.map(|b| access_log::counted(b, counter));
-        }
+        // What only the access line needs (clocks, a body byte counter): only when logging.
+        let logging = match &self.access_log {
+            Some(log) => {
+                let bytes_in = Arc::new(AtomicU64::new(0));
+                let counter = bytes_in.clone();
+                req = req.map(|b| access_log::counted(b, counter));
+                Some((log, SystemTime::now(), Instant::now(), bytes_in))
+            }
+            None => None,
+        };
         let result =
             match tokio::time::timeout(self.deadline, self.run(req, conn, &mut labels)).await {
                 Ok(r) => r,
@@ -106,7 +110,7 @@ impl Pipeline {
         };
         resp.headers_mut()
             .insert(access_log::REQUEST_ID, request_id.clone());
-        let Some(log) = &self.access_log else {
+        let Some((log, at, started, bytes_in)) = logging else {
             return resp;
         };
         let mut record = Record {

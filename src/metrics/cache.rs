@@ -4,7 +4,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::OnceLock;
 
 /// Label sets whose handles are kept, per family (powers of two). Label values reaching
-/// [`Metrics`] are bounded already (configured upstreams, endpoint templates, at most a few
+/// [`super::Metrics`] are bounded already (configured upstreams, endpoint templates, at most a few
 /// hundred client labels, enums), so these are rarely full; a label set that finds no slot
 /// is recorded through the registry as before: the same result, only slower.
 const REQUEST_SLOTS: usize = 4096;
@@ -19,7 +19,7 @@ const SHADOW_SLOTS: usize = 1024;
 /// Slots a look-up tries before it takes the uncached path.
 const PROBES: usize = 8;
 
-/// The handle caches of one [`Metrics`].
+/// The handle caches of one [`super::Metrics`].
 pub(super) struct Caches {
     pub(super) requests: HandleCache<metrics::Counter, 3>,
     pub(super) responses: HandleCache<metrics::Counter, 3>,
