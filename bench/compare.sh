@@ -295,6 +295,10 @@ pacer_conf() {
 listen = "127.0.0.1:$port"
 admin_listen = "127.0.0.1:$admin"
 
+# No access log, like the nginx targets' access_log off: both measure proxying alone.
+[log]
+access = false
+
 [[upstream]]
 name = "origin"
 url = "http://127.0.0.1:$ORIGIN_PORT"
@@ -412,8 +416,8 @@ mkdir -p "$(dirname "$OUT")"
   echo "  so that no side recycles connections during the run); \`worker_processes 1\`, then \`auto\` ($(nproc) here)"
   echo "- pacer: release build, \`pacer run --config\` with one upstream and one route, callers"
   echo "  identified by \`header:$CLIENT_HEADER\`, \`tokens_me = false\`, a \`scope = \"client\"\` limit of"
-  echo "  100 000 000 requests per 1s (never binds); everything else default. Access log: none"
-  echo "  (pacer has no access log); logs at the default level (info), nothing per request"
+  echo "  100 000 000 requests per 1s (never binds); everything else default. Access log off"
+  echo "  (\`[log] access = false\`, as nginx's \`access_log off\`); logs at the default level (info)"
   echo "- bare proxy: \`examples/bare_proxy.rs\` (hyper 1 auto server, hyper-util legacy client with"
   echo "  pooled keep-alive connections), tokio multi-thread runtime, then \`--current-thread\`"
   echo "- CPU µs/request: utime+stime of the target's process tree (nginx: master + workers) from"
