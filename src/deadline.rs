@@ -84,14 +84,17 @@ pub fn parse(value: &str) -> Option<Duration> {
     } else {
         whole.parse().ok()?
     };
-    let mut ninths: u128 = 0;
+    let mut billionths: u128 = 0;
     for i in 0..9 {
-        let d = fraction.as_bytes().get(i).map_or(0, |b| u128::from(b - b'0'));
-        ninths = ninths * 10 + d;
+        let d = fraction
+            .as_bytes()
+            .get(i)
+            .map_or(0, |b| u128::from(b - b'0'));
+        billionths = billionths * 10 + d;
     }
     let nanos = whole
         .checked_mul(unit)
-        .and_then(|n| n.checked_add(ninths * unit / NANOS_PER_SEC))
+        .and_then(|n| n.checked_add(billionths * unit / NANOS_PER_SEC))
         .unwrap_or(u128::MAX);
     let secs = u64::try_from(nanos / NANOS_PER_SEC).unwrap_or(u64::MAX);
     if secs == u64::MAX {

@@ -32,8 +32,8 @@ fn reads_seconds_fractions_and_milliseconds() {
 #[test]
 fn refuses_what_is_not_a_plain_duration() {
     for bad in [
-        "", " ", "s", "ms", ".", ".s", "-1", "-0.5s", "+1", "1e3", "2.5 s", "1m", "1h",
-        "2s500ms", "1,5", "1.2.3", "NaN", "inf", "0x10", "2.5S", "٣",
+        "", " ", "s", "ms", ".", ".s", "-1", "-0.5s", "+1", "1e3", "2.5 s", "1m", "1h", "2s500ms",
+        "1,5", "1.2.3", "NaN", "inf", "0x10", "2.5S", "٣",
     ] {
         assert_eq!(parse(bad), None, "{bad:?}");
     }
@@ -45,10 +45,7 @@ fn a_huge_value_is_no_bound_rather_than_an_overflow() {
     assert_eq!(parse(&"9".repeat(MAX_LEN)), Some(Duration::MAX));
     assert_eq!(parse(&"9".repeat(MAX_LEN - 2)), Some(Duration::MAX));
     let big = u64::MAX / 1000;
-    assert_eq!(
-        parse(&format!("{big}ms")),
-        Some(Duration::from_millis(big))
-    );
+    assert_eq!(parse(&format!("{big}ms")), Some(Duration::from_millis(big)));
     // However large, it never raises the configured wait.
     let configured = Duration::from_secs(10);
     let huge = parse(&"9".repeat(MAX_LEN)).map(CallerMaxWait);
@@ -156,7 +153,10 @@ async fn a_short_deadline_is_shed_at_once_with_the_true_retry_after() {
     // The window is full for one more second: 200 ms is not enough, and the answer says
     // so at once, with when to come back.
     let start = Instant::now();
-    let refused = admit(&a, Priority::Normal, asked("0.2")).await.err().unwrap();
+    let refused = admit(&a, Priority::Normal, asked("0.2"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
     assert_eq!(refused.reason, ShedReason::WaitTooLong);
     assert_eq!(refused.retry_after, Duration::from_secs(1));
@@ -179,12 +179,18 @@ async fn a_long_deadline_never_lengthens_the_wait() {
     // The wait for a concurrency slot cannot be predicted: the request waits, but only
     // the route's 5 s, whatever the caller offered.
     let start = Instant::now();
-    let refused = admit(&a, Priority::Normal, asked("3600s")).await.err().unwrap();
+    let refused = admit(&a, Priority::Normal, asked("3600s"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(start.elapsed(), ROUTE);
     assert_eq!(refused.reason, ShedReason::WaitTooLong);
     // A shorter one ends the wait sooner, and 0 does not wait at all.
     let start = Instant::now();
-    admit(&a, Priority::Normal, asked("750ms")).await.err().unwrap();
+    admit(&a, Priority::Normal, asked("750ms"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(750));
     let start = Instant::now();
     admit(&a, Priority::Normal, asked("0")).await.err().unwrap();
@@ -226,9 +232,15 @@ guard = "0ms"
     // Normal traffic with a deadline of its own is shed at once rather than waiting for
     // the next window; critical traffic with "do not wait" still takes the reserve.
     let start = Instant::now();
-    let refused = admit(&a, Priority::Normal, asked("100ms")).await.err().unwrap();
+    let refused = admit(&a, Priority::Normal, asked("100ms"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(refused.reason, ShedReason::WaitTooLong);
-    assert!(refused.retry_after > Duration::from_millis(100), "{refused:?}");
+    assert!(
+        refused.retry_after > Duration::from_millis(100),
+        "{refused:?}"
+    );
     for _ in 0..2 {
         let r = admit(&a, Priority::Critical, asked("0")).await.unwrap();
         assert_eq!(r.waited(), Duration::ZERO);
@@ -237,7 +249,10 @@ guard = "0ms"
     assert_eq!(start.elapsed(), Duration::ZERO);
     // The reserve is used up too: a critical request waits for the window like any other,
     // and is shed when its own deadline is shorter than that.
-    admit(&a, Priority::Critical, asked("0.5")).await.err().unwrap();
+    admit(&a, Priority::Critical, asked("0.5"))
+        .await
+        .err()
+        .unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
     let r = admit(&a, Priority::Critical, asked("2s")).await.unwrap();
     assert_eq!(r.waited(), Duration::from_secs(1));

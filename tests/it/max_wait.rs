@@ -34,7 +34,12 @@ const TWO_PER_TEN_SECONDS: &str = "[[limit]]\nname = \"rate\"\nscope = \"client\
 /// No request the upstream saw carried the caller's deadline.
 fn assert_never_forwarded(upstream: &TestUpstream) {
     for r in upstream.records() {
-        assert_eq!(r.header(HEADER), None, "{} reached the upstream: {r:?}", HEADER);
+        assert_eq!(
+            r.header(HEADER),
+            None,
+            "{} reached the upstream: {r:?}",
+            HEADER
+        );
     }
 }
 
