@@ -43,7 +43,7 @@ impl Guard {
 
     /// Checks a request as it arrives from `conn`.
     ///
-    /// A malformed `x-pacer-max-wait` is 400; a valid one leaves the header for the
+    /// A malformed `x-pacer-max-wait` is 400; a valid one moves from the headers to the
     /// request's extensions as a [`deadline::CallerMaxWait`].
     pub fn check(
         &self,
