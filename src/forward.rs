@@ -137,6 +137,11 @@ impl Upstream {
         })
     }
 
+    /// Time this upstream has to send a response head (`[[upstream]] timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Sends a prepared request to `path` (+ `query`) on this upstream and waits for the
     /// response head within the upstream's timeout.
     pub async fn send(

@@ -17,6 +17,7 @@ pub mod app;
 pub mod broker;
 mod buffer;
 pub mod config;
+pub mod credential;
 pub mod demo;
 mod edge;
 mod egress;

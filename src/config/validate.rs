@@ -129,6 +129,7 @@ impl Config {
                 }
             }
         }
+        self.validate_credentials(&names, &mut err);
         let mut client_ids = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if c.id.is_empty() {
@@ -344,6 +345,64 @@ impl Config {
         }
         if self.identity.max_keys == 0 {
             err("identity.max_keys".into(), "must be at least 1".into());
+        }
+    }
+}
+
+impl Config {
+    /// `[[credential]]`: unique names, a known login upstream, a non-empty id and secret,
+    /// an absolute token path.
+    fn validate_credentials(
+        &self,
+        upstreams: &HashSet<&str>,
+        err: &mut impl FnMut(String, String),
+    ) {
+        let mut seen = HashSet::new();
+        for (i, c) in self.credentials.iter().enumerate() {
+            let p = format!("credential[{i}]");
+            if c.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !seen.insert(c.name.as_str()) {
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate credential name {:?}", c.name),
+                );
+            }
+            if !upstreams.contains(c.upstream.as_str()) {
+                err(
+                    format!("{p}.upstream"),
+                    format!("no [[upstream]] named {:?}", c.upstream),
+                );
+            }
+            if c.client_id.trim().is_empty() {
+                err(format!("{p}.client_id"), "must not be empty".into());
+            } else if c.client_id.contains(':') || c.client_id.chars().any(char::is_control) {
+                err(
+                    format!("{p}.client_id"),
+                    "must not contain ':' or control characters".into(),
+                );
+            }
+            if c.client_secret.expose().is_empty() {
+                err(format!("{p}.client_secret"), "must not be empty".into());
+            }
+            if !c.token_path.starts_with('/')
+                || c.token_path.contains(['?', '#'])
+                || http::uri::PathAndQuery::try_from(c.token_path.as_str()).is_err()
+            {
+                err(
+                    format!("{p}.token_path"),
+                    format!(
+                        "must be an absolute path without query, got {:?}",
+                        c.token_path
+                    ),
+                );
+            }
+            if c.refresh_before.is_some_and(|d| d.0.is_zero()) {
+                err(
+                    format!("{p}.refresh_before"),
+                    "must be greater than zero".into(),
+                );
+            }
         }
     }
 }
