@@ -10,7 +10,7 @@ use crate::answer::ProxyBody;
 use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
 use crate::config::{Cidr, Config, StateBackend};
-use crate::credential::Credentials;
+use crate::credential::{CredentialForward, Credentials};
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
 use crate::guard::Guard;
@@ -221,7 +221,7 @@ impl Proxy {
         let configured: Arc<[Option<u64>]> = config.limits.iter().map(|l| l.requests).collect();
         let pipeline = Pipeline {
             guard: Guard::new(Arc::new(server.clone()), draining.clone()),
-            routes: RouteTable::new(&config.routes, names)?,
+            routes: RouteTable::new(&config.routes, names, &config.credentials)?,
             access: Access::new(trusted.clone()),
             buffer: BufferBody::new(server.buffer_body_bytes),
             identify: Identify::new(p.identity.clone(), trusted.clone()),
@@ -233,7 +233,11 @@ impl Proxy {
                 config.queue.max_wait.0,
                 config.state.backend == StateBackend::Redis,
             ),
-            forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone()),
+            forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone())
+                .with_credentials(CredentialForward::new(
+                    p.credentials.clone(),
+                    server.buffer_body_bytes,
+                )),
             learn: Learn::new(
                 p.admission.clone(),
                 p.adaptive.clone(),

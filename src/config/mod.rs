@@ -385,6 +385,11 @@ pub struct RouteConfig {
     /// Longest queue wait on this route; else `[queue] max_wait`.
     #[serde(default)]
     pub max_wait: Option<Dur>,
+    /// A `[[credential]]` name: pacer sends its own token for that OAuth client, drops the
+    /// caller's `Authorization`, and counts the requests under that client. Requires
+    /// `inbound_auth` and/or `allow_cidrs`.
+    #[serde(default)]
+    pub credential: Option<String>,
 }
 
 /// `inbound_auth = { header, keys }` on a route.

@@ -425,3 +425,51 @@ extra = 1
         assert!(paths.contains(&p), "{p} missing from {errors:?}");
     }
 }
+
+#[test]
+fn a_credential_route_needs_a_known_credential_and_a_gate() {
+    let cred = "[[credential]]\nname = \"ivr\"\nupstream = \"api\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+    let text = format!(
+        r#"{cred}
+[[upstream]]
+name = "api"
+url = "http://127.0.0.1:1"
+[[route]]
+prefix = "/open/"
+upstream = "api"
+credential = "ivr"
+[[route]]
+prefix = "/typo/"
+upstream = "api"
+credential = "ivx"
+allow_cidrs = ["10.0.0.0/8"]
+identity = ["client-ip"]
+[[route]]
+prefix = "/keyed/"
+upstream = "api"
+credential = "ivr"
+inbound_auth = {{ header = "x-app-key", keys = ["k"] }}
+"#
+    );
+    let errors = Config::parse_with_env(&text, &env).unwrap_err().0;
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "route[0].credential",
+            "route[1].credential",
+            "route[1].identity"
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[0].message.contains("inbound_auth"), "{errors:?}");
+    let ok = text
+        .replace("credential = \"ivx\"", "credential = \"ivr\"")
+        .replace("identity = [\"client-ip\"]", "")
+        .replace(
+            "prefix = \"/open/\"\nupstream = \"api\"\ncredential = \"ivr\"",
+            "prefix = \"/open/\"\nupstream = \"api\"",
+        );
+    let c = Config::parse_with_env(&ok, &env).unwrap();
+    assert_eq!(c.routes[2].credential.as_deref(), Some("ivr"));
+}

@@ -114,6 +114,28 @@ impl Config {
                     format!("no [[upstream]] named {:?}", r.upstream),
                 );
             }
+            if let Some(name) = &r.credential {
+                if self.credential(name).is_none() {
+                    err(
+                        format!("{p}.credential"),
+                        format!("no [[credential]] named {name:?}"),
+                    );
+                }
+                if r.inbound_auth.is_none() && r.allow_cidrs.is_empty() {
+                    err(
+                        format!("{p}.credential"),
+                        "a route that sends pacer's own token needs inbound_auth and/or \
+                         allow_cidrs, or anyone who can reach pacer could use it"
+                            .into(),
+                    );
+                }
+                if !r.identity.is_empty() {
+                    err(
+                        format!("{p}.identity"),
+                        "not used with `credential`: the caller is the credential's client".into(),
+                    );
+                }
+            }
             if let Some(auth) = &r.inbound_auth {
                 if http::HeaderName::from_bytes(auth.header.as_bytes()).is_err() {
                     err(

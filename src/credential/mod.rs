@@ -8,7 +8,10 @@
 //! dropped by [`Credentials::invalidate`] when an upstream answers 401 to it. Tokens and
 //! secrets never reach logs, `Debug` output or metrics: a [`Token`] prints as a hash.
 
+mod phase;
 mod slot;
+
+pub use phase::CredentialForward;
 #[cfg(test)]
 mod tests;
 
@@ -293,7 +296,8 @@ impl Credentials {
         }
     }
 
-    fn sent(&self, upstream: usize, client_id: &str, method: &Method, path: &str) {
+    /// Calls the send hook: a request with credential's token goes to `upstream`.
+    pub(crate) fn sent(&self, upstream: usize, client_id: &str, method: &Method, path: &str) {
         if let Some(hook) = &self.on_send {
             hook(upstream, client_id, method, path);
         }

@@ -15,6 +15,10 @@ pub(super) const FAILURE_HOLD: Duration = Duration::from_secs(1);
 /// Lifetime assumed for a token answer without a usable `expires_in`.
 pub(super) const UNKNOWN_LIFETIME: Duration = Duration::from_secs(60);
 
+/// A token is dropped after an upstream 401 at most once in this long, so an upstream
+/// that refuses every token costs one exchange a second, not one per request.
+pub(super) const INVALIDATE_HOLD: Duration = Duration::from_secs(1);
+
 /// The least `refresh_before` by default (10% of the lifetime otherwise).
 pub(super) const MIN_DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 
@@ -37,6 +41,8 @@ struct Cached {
 struct State {
     token: Option<Cached>,
     failed: Option<(Instant, CredentialError)>,
+    /// When an upstream's 401 last dropped the token.
+    invalidated: Option<Instant>,
 }
 
 /// A credential's token cache and its single-flight lock.
@@ -125,12 +131,18 @@ impl Slot {
 
     /// Drops the cached token if it is still `token` (the one an upstream refused), so the
     /// next caller fetches a new one; true when it did. Callers that got the same 401
-    /// concurrently cause one refresh between them.
+    /// concurrently cause one refresh between them, and a token is dropped at most once
+    /// per [`INVALIDATE_HOLD`].
     pub(super) fn invalidate(&self, token: &Token) -> bool {
+        let now = Instant::now();
         let mut state = self.state();
-        if state.token.as_ref().is_some_and(|c| c.token == *token) {
+        let recently = state
+            .invalidated
+            .is_some_and(|at| now.saturating_duration_since(at) < INVALIDATE_HOLD);
+        if !recently && state.token.as_ref().is_some_and(|c| c.token == *token) {
             state.token = None;
             state.failed = None;
+            state.invalidated = Some(now);
             true
         } else {
             false
