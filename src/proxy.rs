@@ -10,6 +10,7 @@ use crate::answer::ProxyBody;
 use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
 use crate::config::{Cidr, Config, StateBackend};
+use crate::credential::{CredentialForward, Credentials};
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
 use crate::guard::Guard;
@@ -51,6 +52,9 @@ pub struct Proxy {
     pub adaptive: Arc<Adaptive>,
     /// Issued client-credentials tokens handed out again (`[identity] token_cache`).
     pub broker: Option<Arc<TokenBroker>>,
+    /// Tokens pacer fetches itself (`[[credential]]`), for credential routes and pacer's
+    /// own API calls.
+    pub credentials: Arc<Credentials>,
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
@@ -70,6 +74,7 @@ struct Parts {
     metrics: Arc<Metrics>,
     adaptive: Arc<Adaptive>,
     broker: Option<Arc<TokenBroker>>,
+    credentials: Arc<Credentials>,
     resolver: Arc<UpstreamResolver>,
     log_sink: Option<LogSink>,
 }
@@ -80,7 +85,12 @@ impl Proxy {
     pub fn reload(old: &Proxy, config: Arc<Config>) -> Result<Arc<Proxy>, SetupError> {
         if !old.config.same_limiting(&config) {
             tracing::warn!("limits changed on reload: counters start afresh");
-            return Proxy::build(config, old.metrics.clone(), old.log_sink.clone());
+            return Proxy::build(
+                config,
+                old.metrics.clone(),
+                old.log_sink.clone(),
+                Some(&old.credentials),
+            );
         }
         let upstreams = build_upstreams(&config)?;
         // Routes may have changed: a new critical route lets keys learn the reserve.
@@ -91,6 +101,13 @@ impl Proxy {
             metrics: old.metrics.clone(),
             adaptive: old.adaptive.clone(),
             broker: old.broker.clone(),
+            credentials: credentials(
+                &config,
+                &upstreams,
+                &old.admission,
+                &old.metrics,
+                Some(&old.credentials),
+            ),
             resolver: old.resolver.clone(),
             log_sink: old.log_sink.clone(),
             config,
@@ -110,7 +127,7 @@ impl Proxy {
 
     /// Like [`Proxy::new`], writing the access log (as `[log]` says) to `sink`.
     pub fn with_log(config: Arc<Config>, sink: Option<LogSink>) -> Result<Arc<Proxy>, SetupError> {
-        Self::build(config, Arc::new(Metrics::new()), sink)
+        Self::build(config, Arc::new(Metrics::new()), sink, None)
     }
 
     /// Like [`Proxy::with_log`], recording into existing metrics.
@@ -118,6 +135,7 @@ impl Proxy {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         log_sink: Option<LogSink>,
+        previous: Option<&Credentials>,
     ) -> Result<Arc<Proxy>, SetupError> {
         let upstreams = build_upstreams(&config)?;
         let index = |name: &str| config.upstream_index(name);
@@ -181,6 +199,7 @@ impl Proxy {
             let s = scales.scale(key);
             (s.rate, s.client)
         }));
+        let credentials = credentials(&config, &upstreams, &admission, &metrics, previous);
         Proxy::assemble(Parts {
             config,
             upstreams,
@@ -189,6 +208,7 @@ impl Proxy {
             metrics,
             adaptive,
             broker,
+            credentials,
             resolver,
             log_sink,
         })
@@ -207,7 +227,7 @@ impl Proxy {
         let configured: Arc<[Option<u64>]> = config.limits.iter().map(|l| l.requests).collect();
         let pipeline = Pipeline {
             guard: Guard::new(Arc::new(server.clone()), draining.clone()),
-            routes: RouteTable::new(&config.routes, names)?,
+            routes: RouteTable::new(&config.routes, names, &config.credentials)?,
             access: Access::new(trusted.clone()),
             buffer: BufferBody::new(server.buffer_body_bytes),
             identify: Identify::new(p.identity.clone(), trusted.clone()),
@@ -219,7 +239,11 @@ impl Proxy {
                 config.queue.max_wait.0,
                 config.state.backend == StateBackend::Redis,
             ),
-            forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone()),
+            forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone())
+                .with_credentials(CredentialForward::new(
+                    p.credentials.clone(),
+                    server.buffer_body_bytes,
+                )),
             learn: Learn::new(
                 p.admission.clone(),
                 p.adaptive.clone(),
@@ -244,6 +268,7 @@ impl Proxy {
             metrics: p.metrics,
             adaptive: p.adaptive,
             broker: p.broker,
+            credentials: p.credentials,
             resolver: p.resolver,
             log_sink: p.log_sink,
             sensitive_headers,
@@ -266,6 +291,28 @@ impl Proxy {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// The configuration's credentials, counting every request they send against the limits
+/// like a forwarded one of their OAuth client (the token exchange against the login
+/// preset's `token-issuance`), and keeping `previous` tokens whose settings are unchanged.
+fn credentials(
+    config: &Config,
+    upstreams: &[Arc<Upstream>],
+    admission: &Admission,
+    metrics: &Arc<Metrics>,
+    previous: Option<&Credentials>,
+) -> Arc<Credentials> {
+    let counter = admission.clone();
+    let mut credentials = Credentials::new(config, upstreams.to_vec())
+        .with_metrics(metrics.clone())
+        .with_send_hook(Arc::new(move |upstream, client, method, path| {
+            counter.record_sent(upstream, &Arc::from(client), method, path);
+        }));
+    if let Some(old) = previous {
+        credentials = credentials.carry_over(old);
+    }
+    Arc::new(credentials)
 }
 
 /// `authorization` and every route's inbound-key header.

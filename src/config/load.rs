@@ -4,8 +4,17 @@
 use super::*;
 
 const SECTIONS: &[&str] = &[
-    "server", "upstream", "route", "identity", "client", "limit", "queue", "state", "adaptive",
+    "server",
+    "upstream",
+    "route",
+    "identity",
+    "client",
+    "limit",
+    "queue",
+    "state",
+    "adaptive",
     "log",
+    "credential",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -48,6 +57,7 @@ impl Config {
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),
                 "limit" => config.limits = array(value, "limit", &mut errors),
+                "credential" => config.credentials = array(value, "credential", &mut errors),
                 other => errors.push(ConfigError {
                     path: other.to_string(),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),

@@ -10,6 +10,7 @@ mod access_log;
 mod broker;
 mod cli;
 mod config_watch;
+mod credential;
 mod deps;
 mod egress;
 mod fuzz_replay;
