@@ -157,6 +157,8 @@ fn guard_and_headroom_shape_the_window() {
         requests: Some(300),
         per: Some(Dur::secs(60)),
         concurrency: None,
+        jobs: None,
+        job_ttl: None,
         headroom: 0.1,
         guard: None,
         shadow: false,
