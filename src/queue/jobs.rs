@@ -146,3 +146,6 @@ impl super::Admission {
         book.usage()
     }
 }
+
+#[cfg(test)]
+mod tests;
