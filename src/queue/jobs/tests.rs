@@ -93,7 +93,10 @@ async fn a_finished_job_admits_the_next_creation_and_a_full_limit_sheds_honestly
     assert!(!waiter.is_finished());
     let at = Instant::now();
     assert!(a.job_finished(&(0, Arc::from("j1"))));
-    let r = waiter.await.unwrap().expect("admitted when the job finished");
+    let r = waiter
+        .await
+        .unwrap()
+        .expect("admitted when the job finished");
     assert_eq!(at.elapsed(), Duration::ZERO);
     drop(r);
 }
