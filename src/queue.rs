@@ -177,8 +177,17 @@ impl Shared {
         pause: Option<&PauseKey>,
     ) -> Result<(Grant, Option<JobHold>), Blocked> {
         let jobs = self.take_jobs(&demand, &ahead)?;
-        let grant = self.take_counted(demand, ahead, pause).await?;
-        Ok((grant, jobs))
+        match self.take_counted(demand, ahead, pause).await {
+            Ok(grant) => Ok((grant, jobs)),
+            Err(b) => {
+                // Held for no time: giving it back must not wake the scheduler, whose
+                // next pass would take and return it again, and again.
+                if let Some(hold) = jobs {
+                    hold.untake();
+                }
+                Err(b)
+            }
+        }
     }
 
     /// Asks the backend, making sure a grant whose caller went away meanwhile is refunded.

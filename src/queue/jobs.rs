@@ -89,7 +89,7 @@ impl Shared {
         });
     }
 
-    /// Frees the slots of `ticket` or `job`, and wakes the scheduler if any were held.
+    /// Wakes the scheduler when slots were freed.
     fn freed(&self, done: bool) {
         if done {
             self.wake.notify_one();
@@ -109,6 +109,16 @@ impl JobHold {
     pub fn keep(mut self, job: JobKey) {
         if let Some(ticket) = self.ticket.take() {
             self.shared.jobs.lock().keep(ticket, job);
+        }
+    }
+}
+
+impl JobHold {
+    /// Gives the slots back without waking the scheduler: the hold never left
+    /// [`Shared::take`], which found no room elsewhere.
+    pub(super) fn untake(mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.shared.jobs.lock().refund(ticket);
         }
     }
 }

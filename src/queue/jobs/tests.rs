@@ -100,3 +100,32 @@ async fn a_finished_job_admits_the_next_creation_and_a_full_limit_sheds_honestly
     assert_eq!(at.elapsed(), Duration::ZERO);
     drop(r);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_creation_held_back_by_a_rate_limit_returns_its_job_slot() {
+    let (c, set) = crate::limit::test_limits(&format!(
+        "{ONE_JOB}[[limit]]\nname = \"rate\"\nscope = \"global\"\nrequests = 1\nper = \"10s\"\nguard = \"0ms\"\n[queue]\ncritical_reserve = 0.0\nbulk_share = 1.0\n"
+    ));
+    let a = Admission::new(set, c.queue.clone(), c.identity.max_keys);
+    let first = a
+        .admit(create(&a), None, Duration::from_secs(1))
+        .await
+        .unwrap();
+    drop(first); // no job: slot and send given back
+    started(&a, "j1").await;
+    assert!(a.job_finished(&(0, Arc::from("j1"))));
+    // The window is full: the next creation waits for it, holding no job slot meanwhile.
+    let start = Instant::now();
+    let waiter = {
+        let a = a.clone();
+        tokio::spawn(async move { a.admit(create(&a), None, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(running(&a), 0, "a waiting creation holds no slot");
+    let r = waiter
+        .await
+        .unwrap()
+        .expect("admitted when the window opens");
+    assert_eq!(start.elapsed(), Duration::from_secs(10));
+    drop(r);
+}
