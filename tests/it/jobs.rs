@@ -124,6 +124,7 @@ async fn exporters_keep_two_job_slots_busy_without_an_upstream_429() {
         let stats = sim.stats();
         assert_eq!(stats.total.too_many, 0, "upstream 429s: {stats:?}");
         let possible = 2 * RUN.as_millis() as u64 / JOB.as_millis() as u64;
+        eprintln!("job exporters: {done} jobs of {possible} possible");
         assert!(
             done * 10 >= possible * 8,
             "{done} jobs in {RUN:?} over 2 slots of {JOB:?} jobs (possible {possible})"
