@@ -17,6 +17,7 @@ pub mod app;
 pub mod broker;
 mod buffer;
 pub mod config;
+mod deadline;
 pub mod demo;
 mod edge;
 mod egress;
