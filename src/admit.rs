@@ -29,7 +29,7 @@
 use crate::adaptive::{Adaptive, Generation};
 use crate::answer::{BoxError, ProxyBody};
 use crate::error::{ErrorKind, ProxyError};
-use crate::identity::{Caller, Identified};
+use crate::identity::{App, Caller, Identified};
 use crate::limit::LayerKey;
 use crate::metrics::{InflightGauge, Metrics, RequestLabels};
 use crate::queue::{Admission, Permit, Reservation};
@@ -83,6 +83,8 @@ impl Admitted {
 pub struct Answering {
     pub route: RouteMatch,
     pub caller: Caller,
+    /// The application that sent it.
+    pub app: App,
     /// The limiter keys the request was admitted under.
     pub layers: Vec<LayerKey>,
     /// The adaptive cut in force at admission, so that a 429 is judged against it.
@@ -146,8 +148,9 @@ impl Admit {
         req: Identified,
         labels: &mut RequestLabels,
     ) -> Result<Admitted, ProxyError> {
-        let (routed, caller, priority) = req.into_parts();
+        let (routed, caller, priority, app) = req.into_parts();
         labels.priority = Some(priority);
+        labels.app = Some(app.name().clone());
         let Routed {
             req,
             target,
@@ -166,6 +169,7 @@ impl Admit {
         let scale = self.adaptive.scale(&client_key);
         demand.rate_scale = scale.rate;
         demand.client_scale = scale.client;
+        demand.app = app.clone();
         labels.endpoint = Some(demand.endpoint.label.clone());
         let layers = demand.layers.clone();
         let max_wait = route.route.max_wait.unwrap_or(self.max_wait);
@@ -191,6 +195,7 @@ impl Admit {
         self.metrics.queue_wait(
             &upstream_name,
             priority.as_str(),
+            app.name(),
             reservation.waited().as_secs_f64(),
         );
         self.record_shadow(&reservation, &upstream_name, &caller.label, max_wait);
@@ -213,6 +218,7 @@ impl Admit {
             answering: Answering {
                 route,
                 caller,
+                app,
                 layers,
                 generation,
                 held,

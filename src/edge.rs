@@ -57,7 +57,7 @@ impl ResponseForPanic for PanicAnswer {
             .unwrap_or("a panic without a message");
         tracing::error!(panic = what, "answering a request panicked; answered 500");
         self.metrics
-            .request("none", "unknown", "none", Outcome::Error);
+            .request("none", "unknown", "unknown", "none", Outcome::Error);
         answer::error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal.server.error",

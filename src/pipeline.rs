@@ -78,6 +78,7 @@ impl Pipeline {
         self.metrics.request(
             labels.upstream(),
             labels.client(),
+            labels.app(),
             labels.endpoint(),
             outcome,
         );
@@ -86,8 +87,12 @@ impl Pipeline {
             Ok((resp, _)) => resp,
             Err(e) => {
                 if let ErrorKind::Shed { reason, .. } = e.kind() {
-                    self.metrics
-                        .shed(labels.upstream(), labels.client(), reason.as_str());
+                    self.metrics.shed(
+                        labels.upstream(),
+                        labels.client(),
+                        labels.app(),
+                        reason.as_str(),
+                    );
                 }
                 tracing::debug!(
                     %method,
@@ -150,6 +155,7 @@ impl Pipeline {
         // Who is calling: the OAuth client behind the token, or the route's identity source.
         let req: Identified = self.identify.identify(req).await?;
         labels.client = Some(req.caller().label.clone());
+        labels.app = Some(req.app().name().clone());
         // Token broker: a repeated client-credentials token request gets the issued token.
         let (req, flight) = match self.broker.serve(req).await? {
             Brokered::Answered(resp) => return Ok((resp, Outcome::Cached)),

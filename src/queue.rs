@@ -1,6 +1,8 @@
 //! Admission with waiting: a request that fits is reserved at once; one that will fit
-//! within `max_wait` waits in a FIFO per priority; one that will not is shed at once with
-//! a truthful `Retry-After`.
+//! within `max_wait` waits in its priority class, where each caller's apps take turns by
+//! weight (see [`fair`]); one that will not is shed at once with a truthful `Retry-After`,
+//! predicted from its place in that fair order. Fairness is per replica: with Redis state
+//! each replica orders its own waiters.
 //!
 //! The queue is always local, whatever [`Backend`] holds the counters: a replica queues its
 //! own callers and retries admission at the predicted time, never by polling.
@@ -12,6 +14,7 @@
 //! pauses, when to try again) and `reservation` (what an admitted request holds, its
 //! commit, refund and release).
 
+mod fair;
 mod reservation;
 mod schedule;
 
@@ -285,7 +288,10 @@ impl Admission {
         let demand = Arc::new(demand);
         let (paused, ahead) = {
             let state = shared.lock();
-            (state.paused_until(&pause, now), state.ahead(&demand))
+            (
+                state.paused_until(&pause, now),
+                state.ahead(&demand, &pause),
+            )
         };
         let (paused, shadow_pause) = shared.split_pause(paused, now);
         if let Some(until) = paused {
@@ -485,3 +491,6 @@ fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fair_tests;

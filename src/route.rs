@@ -26,6 +26,8 @@ pub struct Route {
     pub inbound_auth: Option<(http::HeaderName, Vec<Secret>)>,
     pub allow_cidrs: Vec<Cidr>,
     pub max_wait: Option<Duration>,
+    /// `app`: the application of requests that name none in the app header.
+    pub app: Option<Arc<str>>,
 }
 
 /// A request's route and the path to send upstream.
@@ -90,6 +92,7 @@ impl RouteTable {
                 inbound_auth,
                 allow_cidrs: c.allow_cidrs.clone(),
                 max_wait: c.max_wait.map(|d| d.0),
+                app: c.app.as_deref().map(Arc::from),
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));

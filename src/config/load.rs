@@ -4,8 +4,8 @@
 use super::*;
 
 const SECTIONS: &[&str] = &[
-    "server", "upstream", "route", "identity", "client", "limit", "queue", "state", "adaptive",
-    "log",
+    "server", "upstream", "route", "identity", "client", "app", "limit", "queue", "state",
+    "adaptive", "log",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -47,6 +47,7 @@ impl Config {
                 "upstream" => config.upstreams = array(value, "upstream", &mut errors),
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),
+                "app" => config.apps = array(value, "app", &mut errors),
                 "limit" => config.limits = array(value, "limit", &mut errors),
                 other => errors.push(ConfigError {
                     path: other.to_string(),
@@ -65,6 +66,7 @@ impl Config {
             }
         }
         config.validate(&mut errors);
+        config.validate_apps(&mut errors);
         config.resolve_egress(lookup, &mut errors);
         if errors.is_empty() {
             config.limits = presets::with_preset_limits(&config.upstreams, config.limits);

@@ -1,0 +1,184 @@
+//! A fair share for every app of one caller: within one caller (the pause key: an upstream
+//! and an OAuth client) and one priority class, waiting requests are admitted across the
+//! caller's apps in turn, each app's turns in proportion to its weight.
+//!
+//! Self-clocked fair queueing, the equivalent of deficit round robin for requests of one
+//! size: a waiter's tag is the later of the class's virtual time (the tag of the waiter
+//! admitted last) and its app's last tag, plus `1 / weight`; waiters go in tag order. A
+//! runaway app with 40 waiters has tags far ahead, so a modest app's request arriving
+//! later is tagged near the front. Different callers keep arrival order between them.
+//! Everything here lives only while requests wait: a caller's state goes with its last
+//! waiter, so it is bounded by `[queue] max_depth`.
+
+use super::PauseKey;
+use crate::identity::App;
+use crate::limit::{Demand, LayerKey};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::Arc;
+
+/// Whose apps share turns: the caller's pause key (none for callers without one).
+pub(super) type Domain = Option<PauseKey>;
+
+/// A waiter's place in its caller's class: (tag as ordered bits, arrival).
+type Place = (u64, u64);
+
+/// The fair-order bookkeeping of every caller with waiters.
+#[derive(Default)]
+pub(super) struct Fair {
+    domains: HashMap<Domain, Turns>,
+}
+
+/// One caller's turns.
+#[derive(Default)]
+struct Turns {
+    /// Per class: the tag of the waiter admitted last.
+    clock: [f64; 3],
+    /// Per (class, app): waiters and the last tag given.
+    flows: HashMap<(usize, Arc<str>), Flow>,
+    /// Per class: waiters in tag order.
+    order: [BTreeMap<Place, Arc<Demand>>; 3],
+    /// Waiters per layer and class.
+    waiting: HashMap<LayerKey, [u64; 3]>,
+}
+
+struct Flow {
+    waiting: usize,
+    last: f64,
+}
+
+/// Non-negative tags order like their bit patterns.
+fn bits(tag: f64) -> u64 {
+    tag.max(0.0).to_bits()
+}
+
+impl Turns {
+    fn tag(&self, class: usize, app: &App) -> f64 {
+        let clock = self.clock[class];
+        let start = self
+            .flows
+            .get(&(class, app.name().clone()))
+            .map_or(clock, |f| f.last.max(clock));
+        start + 1.0 / app.weight().max(f64::MIN_POSITIVE)
+    }
+}
+
+impl Fair {
+    /// Places a waiter; returns its tag.
+    pub(super) fn enqueue(
+        &mut self,
+        domain: &Domain,
+        class: usize,
+        seq: u64,
+        demand: &Arc<Demand>,
+    ) -> f64 {
+        let turns = self.domains.entry(domain.clone()).or_default();
+        let tag = turns.tag(class, &demand.app);
+        let flow = turns
+            .flows
+            .entry((class, demand.app.name().clone()))
+            .or_insert(Flow {
+                waiting: 0,
+                last: 0.0,
+            });
+        flow.waiting += 1;
+        flow.last = tag;
+        turns.order[class].insert((bits(tag), seq), demand.clone());
+        for layer in &demand.layers {
+            turns.waiting.entry(layer.clone()).or_default()[class] += 1;
+        }
+        tag
+    }
+
+    /// Takes a waiter out; an admitted one moves its class's virtual time to its tag.
+    pub(super) fn remove(
+        &mut self,
+        domain: &Domain,
+        class: usize,
+        seq: u64,
+        tag: f64,
+        demand: &Demand,
+        admitted: bool,
+    ) {
+        let Some(turns) = self.domains.get_mut(domain) else {
+            return;
+        };
+        turns.order[class].remove(&(bits(tag), seq));
+        if admitted {
+            turns.clock[class] = turns.clock[class].max(tag);
+        }
+        let key = (class, demand.app.name().clone());
+        if let Some(flow) = turns.flows.get_mut(&key) {
+            flow.waiting = flow.waiting.saturating_sub(1);
+            if flow.waiting == 0 {
+                turns.flows.remove(&key);
+            }
+        }
+        for layer in &demand.layers {
+            if let Some(c) = turns.waiting.get_mut(layer) {
+                c[class] = c[class].saturating_sub(1);
+                if c.iter().all(|&n| n == 0) {
+                    turns.waiting.remove(layer);
+                }
+            }
+        }
+        if turns.order.iter().all(BTreeMap::is_empty) {
+            self.domains.remove(domain);
+        }
+    }
+
+    /// Per layer of `demand`: the waiters of its class that go before it in its caller's
+    /// fair order, and all waiters of its caller in its class (to tell them from other
+    /// callers' waiters, who keep arrival order).
+    pub(super) fn ahead_in_turn(&self, domain: &Domain, demand: &Demand) -> Vec<(u64, u64)> {
+        let class = demand.priority.index();
+        let Some(turns) = self.domains.get(domain) else {
+            return vec![(0, 0); demand.layers.len()];
+        };
+        let tag = turns.tag(class, &demand.app);
+        let mut out: Vec<(u64, u64)> = demand
+            .layers
+            .iter()
+            .map(|l| (0, turns.waiting.get(l).map_or(0, |c| c[class])))
+            .collect();
+        for before in turns.order[class].range(..(bits(tag), 0)).map(|(_, d)| d) {
+            for (i, layer) in demand.layers.iter().enumerate() {
+                if before.layers.contains(layer) {
+                    out[i].0 += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The waiters of `class` in admission order, as (class, arrival): each caller's in
+    /// tag order; between callers, the one whose next waiter arrived first goes first.
+    pub(super) fn order(&self, class: usize) -> Vec<(usize, u64)> {
+        let mut lists: Vec<_> = self
+            .domains
+            .values()
+            .map(|t| t.order[class].keys().map(|&(_, seq)| seq).peekable())
+            .collect();
+        let mut heads: BinaryHeap<Reverse<(u64, usize)>> = lists
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, l)| l.peek().map(|&seq| Reverse((seq, i))))
+            .collect();
+        let mut out = Vec::new();
+        while let Some(Reverse((seq, i))) = heads.pop() {
+            out.push((class, seq));
+            let list = &mut lists[i];
+            list.next();
+            if let Some(&next) = list.peek() {
+                heads.push(Reverse((next, i)));
+            }
+        }
+        out
+    }
+
+    /// Callers with waiters.
+    #[cfg(test)]
+    pub(super) fn callers(&self) -> usize {
+        self.domains.len()
+    }
+}
