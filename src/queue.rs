@@ -27,6 +27,7 @@ use crate::limit::{BlockKind, Blocked, Demand, LayerKey, LimitSet};
 use crate::reserve::{CriticalSources, Reserve};
 use crate::shadow::ShadowBook;
 use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
+use fair::pace;
 use reservation::ceil_secs;
 use schedule::{jitter, schedule, State, WaiterGuard};
 use std::collections::HashMap;
@@ -286,11 +287,14 @@ impl Admission {
         let now = shared.clock.now();
         demand.reserved = shared.reserve_for(&demand, now);
         let demand = Arc::new(demand);
-        let (paused, ahead) = {
+        let (paused, ahead, spaced) = {
             let state = shared.lock();
+            let spaced = pace(&shared.set, &demand)
+                .and_then(|p| Some((state.fair.held(&pause, now, p)?, p.0)));
             (
                 state.paused_until(&pause, now),
                 state.ahead(&demand, &pause),
+                spaced,
             )
         };
         let (paused, shadow_pause) = shared.split_pause(paused, now);
@@ -303,9 +307,14 @@ impl Admission {
                 });
             }
         }
-        let blocked = match paused {
-            Some(_) => None,
-            None => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
+        let blocked = match (paused, spaced) {
+            (Some(_), _) => None,
+            // Its caller's apps take turns and the next is not due: it waits its turn, about
+            // one interval per waiter before it in the fair order.
+            (None, Some((until, interval))) => {
+                Some(in_turn(&demand, &ahead, until - now, interval))
+            }
+            (None, None) => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
                 Ok(grant) => {
                     // Admitted at once, but the counter store may have taken its time
                     // (Redis): the wait is everything pacer held the request for.
@@ -338,7 +347,7 @@ impl Admission {
                 });
             }
             let not_before = paused.map_or(0, |until| until + jitter(until - now));
-            state.enqueue(demand, pause, not_before, blocked)
+            state.enqueue(demand, pause, not_before, blocked, now)
         };
         shared.wake.notify_one();
 
@@ -459,6 +468,20 @@ impl Admission {
 /// The name of a caller's upstream pause in a shared store.
 fn shared_pause_name(key: &PauseKey) -> String {
     format!("{}:{}", key.0, key.1)
+}
+
+/// What holds back a request whose caller's apps take turns: its per-client layer, for
+/// `first` until the next turn and one `interval` per request `ahead` of it there.
+fn in_turn(demand: &Demand, ahead: &[u64], first: Nanos, interval: Nanos) -> Blocked {
+    let i = demand.client_layer.unwrap_or(0);
+    let before = ahead.get(i).copied().unwrap_or(0);
+    Blocked {
+        kind: match demand.layers.get(i) {
+            Some(layer) => BlockKind::Layer(layer.clone()),
+            None => BlockKind::Unanswered,
+        },
+        wait: Some(first.saturating_add(interval.saturating_mul(before))),
+    }
 }
 
 /// Why a refusal happened: the upstream's pause, else `otherwise`.

@@ -7,12 +7,21 @@
 //! admitted last) and its app's last tag, plus `1 / weight`; waiters go in tag order. A
 //! runaway app with 40 waiters has tags far ahead, so a modest app's request arriving
 //! later is tagged near the front. Different callers keep arrival order between them.
+//!
+//! Turns only help if room appears while they are taken: a window whose sends all went
+//! out at one instant frees all its room at one instant again, one window later, and a
+//! modest app arriving in between waits for it whatever its turn. So while two apps of a
+//! caller have waited together within the last window, its waiters leave at most one per
+//! interval of its per-client limit (window / ceiling): its sends spread over the window
+//! and room appears steadily, which takes nothing from its rate. A caller with one app
+//! waiting is admitted as before, and critical requests are never held for turns.
 //! Everything here lives only while requests wait: a caller's state goes with its last
 //! waiter, so it is bounded by `[queue] max_depth`.
 
 use super::PauseKey;
 use crate::identity::App;
-use crate::limit::{Demand, LayerKey};
+use crate::limit::window::Nanos;
+use crate::limit::{scaled, Demand, LayerKey, LimitSet};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -40,6 +49,10 @@ struct Turns {
     order: [BTreeMap<Place, Arc<Demand>>; 3],
     /// Waiters per layer and class.
     waiting: HashMap<LayerKey, [u64; 3]>,
+    /// When waiters of two apps were last seen together.
+    mixed_at: Option<Nanos>,
+    /// When a waiter was admitted last.
+    admitted_at: Option<Nanos>,
 }
 
 struct Flow {
@@ -71,9 +84,13 @@ impl Fair {
         class: usize,
         seq: u64,
         demand: &Arc<Demand>,
+        now: Nanos,
     ) -> f64 {
         let turns = self.domains.entry(domain.clone()).or_default();
         let tag = turns.tag(class, &demand.app);
+        if turns.flows.keys().any(|(_, app)| app != demand.app.name()) {
+            turns.mixed_at = Some(now);
+        }
         let flow = turns
             .flows
             .entry((class, demand.app.name().clone()))
@@ -176,9 +193,44 @@ impl Fair {
         out
     }
 
+    /// When the caller's next waiter may leave, if that is later than `now`: while two of
+    /// its apps waited together within `window`, one per `interval`.
+    pub(super) fn held(
+        &self,
+        domain: &Domain,
+        now: Nanos,
+        (interval, window): (Nanos, Nanos),
+    ) -> Option<Nanos> {
+        let turns = self.domains.get(domain)?;
+        let mixed = turns.mixed_at? >= now.saturating_sub(window);
+        let next = turns.admitted_at?.saturating_add(interval);
+        (mixed && next > now).then_some(next)
+    }
+
+    /// A waiter of the caller was admitted at `now`.
+    pub(super) fn admitted(&mut self, domain: &Domain, now: Nanos) {
+        if let Some(turns) = self.domains.get_mut(domain) {
+            turns.admitted_at = Some(now);
+        }
+    }
+
     /// Callers with waiters.
     #[cfg(test)]
     pub(super) fn callers(&self) -> usize {
         self.domains.len()
     }
+}
+
+/// (interval, window) of `demand`'s per-client rate limit as it applies to the request:
+/// the spacing of its caller's waiters while its apps take turns. None without one, and
+/// for critical requests: they are never held back for turns.
+pub(crate) fn pace(set: &LimitSet, demand: &Demand) -> Option<(Nanos, Nanos)> {
+    if demand.priority == crate::config::Priority::Critical {
+        return None;
+    }
+    let i = demand.client_layer?;
+    let spec = set.specs.get(demand.layers.get(i)?.limit)?;
+    let ceiling = spec.rate_ceiling(demand.priority.index(), demand.holds_reserve(i))?;
+    let ceiling = scaled(ceiling, demand.scale_of(i)).max(1);
+    Some((spec.window / ceiling, spec.window))
 }

@@ -46,8 +46,19 @@ async fn fill(a: &Admission) {
 
 /// `workers` tasks sending as fast as they are admitted, counting admissions.
 fn greedy(a: &Admission, app: &App, workers: usize, count: &Arc<AtomicU64>) {
+    greedy_noted(a, app, workers, count, &Arc::default());
+}
+
+/// [`greedy`], noting when each admission happened.
+fn greedy_noted(
+    a: &Admission,
+    app: &App,
+    workers: usize,
+    count: &Arc<AtomicU64>,
+    at: &Arc<Mutex<Vec<Instant>>>,
+) {
     for _ in 0..workers {
-        let (a, app, count) = (a.clone(), app.clone(), count.clone());
+        let (a, app, count, at) = (a.clone(), app.clone(), count.clone(), at.clone());
         tokio::spawn(async move {
             loop {
                 if let Ok(r) = a
@@ -56,6 +67,7 @@ fn greedy(a: &Admission, app: &App, workers: usize, count: &Arc<AtomicU64>) {
                 {
                     r.commit();
                     count.fetch_add(1, Ordering::Relaxed);
+                    at.lock().unwrap().push(Instant::now());
                 }
             }
         });
@@ -172,4 +184,31 @@ async fn priorities_still_go_first_across_apps() {
         t.await.unwrap();
     }
     assert_eq!(*order.lock().unwrap(), vec![1, 0, 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_apps_take_turns_sends_spread_over_the_window() {
+    let a = admission(TEN_PER_SECOND);
+    // The window's ten sends all at one instant: its room comes back all at once.
+    fill(&a).await;
+    let at = Arc::new(Mutex::new(Vec::new()));
+    let count = Arc::new(AtomicU64::new(0));
+    greedy_noted(&a, &App::new("runaway", 1.0), 20, &count, &at);
+    greedy_noted(&a, &App::new("modest", 1.0), 2, &count, &at);
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let at = at.lock().unwrap().clone();
+    // After the first window, one send per interval (100 ms), never a burst.
+    let later: Vec<Instant> = at
+        .into_iter()
+        .filter(|t| *t >= start + Duration::from_secs(2))
+        .collect();
+    assert!(later.len() >= 75, "{} sends in 8 s", later.len());
+    for pair in later.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(99),
+            "two sends {:?} apart",
+            pair[1] - pair[0]
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! release or refund, a new waiter, or the earliest time a blocked layer opens), predicted
 //! from what blocked them, never by polling; upstream pauses hold them back.
 
-use super::fair::Fair;
+use super::fair::{pace, Fair};
 use super::reservation::Reservation;
 use super::{PauseKey, Shared};
 use crate::limit::window::Nanos;
@@ -140,6 +140,7 @@ impl State {
         pause: Option<PauseKey>,
         not_before: Nanos,
         blocked: Option<Blocked>,
+        now: Nanos,
     ) -> (oneshot::Receiver<Reservation>, (usize, u64)) {
         let (tx, rx) = oneshot::channel();
         self.seq += 1;
@@ -150,7 +151,7 @@ impl State {
         self.depth[key.0] += 1;
         self.depth_by_upstream.entry(demand.upstream).or_default()[key.0] += 1;
         let signature = signature(&demand, &pause);
-        let tag = self.fair.enqueue(&pause, key.0, key.1, &demand);
+        let tag = self.fair.enqueue(&pause, key.0, key.1, &demand, now);
         self.waiters.insert(
             key,
             Waiter {
@@ -236,11 +237,20 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
     let mut next: Option<Nanos> = None;
     let mut soonest = |t: Nanos| next = Some(next.map_or(t, |n: Nanos| n.min(t)));
     let mut blocked: HashSet<u64> = HashSet::new();
+    // Callers whose apps take turns and whose next turn is not yet due.
+    let mut spaced: HashSet<Option<PauseKey>> = HashSet::new();
     for c in candidates {
-        if blocked.contains(&c.signature) {
+        if blocked.contains(&c.signature) || spaced.contains(&c.pause) {
             continue;
         }
         let now = shared.clock.now();
+        let held =
+            pace(&shared.set, &c.demand).and_then(|p| shared.lock().fair.held(&c.pause, now, p));
+        if let Some(until) = held {
+            soonest(until);
+            spaced.insert(c.pause.clone());
+            continue;
+        }
         let paused = shared.lock().paused_until(&c.pause, now);
         let (paused, shadow_pause) = shared.split_pause(paused, now);
         let not_before = paused.unwrap_or(0).max(c.not_before);
@@ -253,7 +263,11 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
         let demand = shared.redecide(c.demand.clone(), now);
         match shared.take(demand, zeros, c.pause.as_ref()).await {
             Ok(grant) => {
-                let waiter = shared.lock().remove_waiter(c.key, true);
+                let waiter = {
+                    let mut state = shared.lock();
+                    state.fair.admitted(&c.pause, now);
+                    state.remove_waiter(c.key, true)
+                };
                 let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO)
                     .with_pause(c.pause.as_ref(), shadow_pause);
                 // A caller that left meanwhile drops it here, outside the lock: refunded.
