@@ -287,10 +287,10 @@ impl Admission {
         let now = shared.clock.now();
         demand.reserved = shared.reserve_for(&demand, now);
         let demand = Arc::new(demand);
+        let paced = pace(&shared.set, &demand);
         let (paused, ahead, spaced) = {
             let state = shared.lock();
-            let spaced = pace(&shared.set, &demand)
-                .and_then(|p| Some((state.fair.held(&pause, now, p)?, p.0)));
+            let spaced = paced.and_then(|p| Some((state.fair.held(&pause, now, p)?, p.0)));
             (
                 state.paused_until(&pause, now),
                 state.ahead(&demand, &pause),
@@ -316,6 +316,13 @@ impl Admission {
             }
             (None, None) => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
                 Ok(grant) => {
+                    if let Some((_, window)) = paced {
+                        let at = shared.clock.now();
+                        shared
+                            .lock()
+                            .fair
+                            .sent(&pause, &demand.app, at, window, shared.max_keys);
+                    }
                     // Admitted at once, but the counter store may have taken its time
                     // (Redis): the wait is everything pacer held the request for.
                     return Ok(Reservation::new(shared.clone(), grant, started.elapsed())

@@ -11,12 +11,15 @@
 //! Turns only help if room appears while they are taken: a window whose sends all went
 //! out at one instant frees all its room at one instant again, one window later, and a
 //! modest app arriving in between waits for it whatever its turn. So while two apps of a
-//! caller have waited together within the last window, its waiters leave at most one per
+//! caller have waited together within the last window, its requests leave at most one per
 //! interval of its per-client limit (window / ceiling): its sends spread over the window
-//! and room appears steadily, which takes nothing from its rate. A caller with one app
-//! waiting is admitted as before, and critical requests are never held for turns.
-//! Everything here lives only while requests wait: a caller's state goes with its last
-//! waiter, so it is bounded by `[queue] max_depth`.
+//! and room appears steadily, which takes nothing from its rate. The same holds while two
+//! of its apps send within a window of each other, so that a runaway app starting next to
+//! modest ones cannot take the whole window's room at one instant. A caller with one app
+//! is admitted as before, and critical requests are never held for turns.
+//! The turns live only while requests wait: a caller's go with its last waiter, so they
+//! are bounded by `[queue] max_depth`; what callers sent lately is kept for at most
+//! `max_keys` callers.
 
 use super::PauseKey;
 use crate::identity::App;
@@ -36,6 +39,8 @@ type Place = (u64, u64);
 #[derive(Default)]
 pub(super) struct Fair {
     domains: HashMap<Domain, Turns>,
+    /// Callers that sent lately, at most `max_keys` (see [`Fair::sent`]).
+    sends: HashMap<Domain, Sends>,
 }
 
 /// One caller's turns.
@@ -49,10 +54,16 @@ struct Turns {
     order: [BTreeMap<Place, Arc<Demand>>; 3],
     /// Waiters per layer and class.
     waiting: HashMap<LayerKey, [u64; 3]>,
-    /// When waiters of two apps were last seen together.
+}
+
+/// What a caller's recent sends say about turns.
+struct Sends {
+    /// The app of its last send.
+    app: Arc<str>,
+    /// When two of its apps last sent or waited within a window of each other.
     mixed_at: Option<Nanos>,
-    /// When a waiter was admitted last.
-    admitted_at: Option<Nanos>,
+    /// Its last send.
+    at: Nanos,
 }
 
 struct Flow {
@@ -89,7 +100,9 @@ impl Fair {
         let turns = self.domains.entry(domain.clone()).or_default();
         let tag = turns.tag(class, &demand.app);
         if turns.flows.keys().any(|(_, app)| app != demand.app.name()) {
-            turns.mixed_at = Some(now);
+            if let Some(sends) = self.sends.get_mut(domain) {
+                sends.mixed_at = Some(now);
+            }
         }
         let flow = turns
             .flows
@@ -193,25 +206,55 @@ impl Fair {
         out
     }
 
-    /// When the caller's next waiter may leave, if that is later than `now`: while two of
-    /// its apps waited together within `window`, one per `interval`.
+    /// When the caller's next request may leave, if that is later than `now`: while two
+    /// of its apps sent or waited within `window` of each other, one per `interval`.
     pub(super) fn held(
         &self,
         domain: &Domain,
         now: Nanos,
         (interval, window): (Nanos, Nanos),
     ) -> Option<Nanos> {
-        let turns = self.domains.get(domain)?;
-        let mixed = turns.mixed_at? >= now.saturating_sub(window);
-        let next = turns.admitted_at?.saturating_add(interval);
+        let sends = self.sends.get(domain)?;
+        let mixed = sends.mixed_at? >= now.saturating_sub(window);
+        let next = sends.at.saturating_add(interval);
         (mixed && next > now).then_some(next)
     }
 
-    /// A waiter of the caller was admitted at `now`.
-    pub(super) fn admitted(&mut self, domain: &Domain, now: Nanos) {
-        if let Some(turns) = self.domains.get_mut(domain) {
-            turns.admitted_at = Some(now);
+    /// A request of `app` of the caller was admitted at `now`. At most `cap` callers are
+    /// remembered: when full, those that sent in the last `window` stay, or none.
+    pub(super) fn sent(
+        &mut self,
+        domain: &Domain,
+        app: &App,
+        now: Nanos,
+        window: Nanos,
+        cap: usize,
+    ) {
+        if !self.sends.contains_key(domain) && self.sends.len() >= cap.max(1) {
+            let since = now.saturating_sub(window);
+            self.sends.retain(|_, s| s.at >= since);
+            if self.sends.len() >= cap.max(1) {
+                self.sends.clear();
+            }
         }
+        let sends = self.sends.entry(domain.clone()).or_insert_with(|| Sends {
+            app: app.name().clone(),
+            mixed_at: None,
+            at: now,
+        });
+        if sends.app != *app.name() {
+            if now.saturating_sub(sends.at) <= window {
+                sends.mixed_at = Some(now);
+            }
+            sends.app = app.name().clone();
+        }
+        sends.at = now;
+    }
+
+    /// Forgets callers that sent nothing for `idle`.
+    pub(super) fn prune(&mut self, now: Nanos, idle: Nanos) {
+        let since = now.saturating_sub(idle);
+        self.sends.retain(|_, s| s.at >= since);
     }
 
     /// Callers with waiters.

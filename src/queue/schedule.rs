@@ -180,7 +180,11 @@ pub(super) async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
             if last_sweep.elapsed() > Duration::from_secs(10) {
                 shared.backend.sweep();
                 let now = shared.clock.now();
-                shared.lock().pauses.retain(|_, until| *until > now);
+                {
+                    let mut state = shared.lock();
+                    state.pauses.retain(|_, until| *until > now);
+                    state.fair.prune(now, 60_000_000_000);
+                }
                 shared.reserve.prune(now);
                 last_sweep = Instant::now();
             }
@@ -265,7 +269,11 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
             Ok(grant) => {
                 let waiter = {
                     let mut state = shared.lock();
-                    state.fair.admitted(&c.pause, now);
+                    if let Some((_, window)) = pace(&shared.set, &c.demand) {
+                        state
+                            .fair
+                            .sent(&c.pause, &c.demand.app, now, window, shared.max_keys);
+                    }
                     state.remove_waiter(c.key, true)
                 };
                 let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO)
