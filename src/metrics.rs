@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+pub mod apps;
 mod cache;
 #[cfg(test)]
 mod tests;
@@ -56,6 +57,8 @@ pub struct Metrics {
     cache: Caches,
     /// The last minutes' 429s, 401s, sheds and waits per client, for `/status`.
     recent: Recent,
+    /// Use per app within each client.
+    apps: apps::AppUse,
 }
 
 /// `pacer_inflight` of one upstream and client, resolved once: [`InflightGauge::up`] when a
@@ -108,6 +111,7 @@ impl Metrics {
             handle,
             cache: Caches::new(cap),
             recent: Recent::default(),
+            apps: apps::AppUse::default(),
         }
     }
 
@@ -154,6 +158,11 @@ impl Metrics {
             register,
             |c| c.increment(1),
         );
+    }
+
+    /// Use per app within each client since start (see [`apps::AppUse`]).
+    pub fn apps(&self) -> &apps::AppUse {
+        &self.apps
     }
 
     /// The last minutes' events per client (see [`Recent`]).

@@ -16,6 +16,7 @@ use crate::feedback::Learn;
 use crate::forward::Forward;
 use crate::guard::{Guard, Guarded};
 use crate::identity::{Identified, Identify};
+use crate::metrics::apps::AppCounts;
 use crate::metrics::{Metrics, Outcome, RequestLabels};
 use crate::route::{Access, Allowed, RouteTable, Routed};
 use crate::server::ConnInfo;
@@ -83,6 +84,18 @@ impl Pipeline {
             outcome,
         );
         let own_answer = result.is_err();
+        if let (Some(upstream), Some(client), Some(app)) =
+            (&labels.upstream, &labels.client, &labels.app)
+        {
+            let upstream_429 =
+                matches!(&result, Ok((r, _)) if r.status() == StatusCode::TOO_MANY_REQUESTS);
+            let add = AppCounts {
+                forwarded: u64::from(outcome == Outcome::Forwarded),
+                shed: u64::from(outcome == Outcome::Shed),
+                upstream_429: u64::from(upstream_429),
+            };
+            self.metrics.apps().record(upstream, client, app, add);
+        }
         let mut resp = match result {
             Ok((resp, _)) => resp,
             Err(e) => {

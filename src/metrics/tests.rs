@@ -105,7 +105,7 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(m.cache.inflight.len(), 3);
     let text = m.render(&[]);
     let req = |c: &str, e: &str, o: &str| {
-        format!("pacer_requests_total{{upstream=\"api\",client=\"{c}\",endpoint=\"{e}\",outcome=\"{o}\"}}")
+        format!("pacer_requests_total{{upstream=\"api\",client=\"{c}\",app=\"app\",endpoint=\"{e}\",outcome=\"{o}\"}}")
     };
     let users = "GET /api/v2/users/{userId}";
     let ivrs = "PUT /api/v2/architect/ivrs/{ivrId}";
@@ -132,13 +132,13 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(
         sample(
             &text,
-            "pacer_requests_total{upstream=\"auth\",client=\"unknown\",endpoint=\"none\",outcome=\"rejected\"}"
+            "pacer_requests_total{upstream=\"auth\",client=\"unknown\",app=\"unknown\",endpoint=\"none\",outcome=\"rejected\"}"
         ),
         Some(5.0),
         "{text}"
     );
     let resp = |c: &str, e: &str, s: u16| {
-        format!("pacer_upstream_responses_total{{upstream=\"api\",client=\"{c}\",endpoint=\"{e}\",status=\"{s}\"}}")
+        format!("pacer_upstream_responses_total{{upstream=\"api\",client=\"{c}\",app=\"app\",endpoint=\"{e}\",status=\"{s}\"}}")
     };
     assert_eq!(
         sample(&text, &resp("other", ivrs, 200)),
@@ -155,7 +155,7 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(
         sample(
             &text,
-            "pacer_shed_total{upstream=\"api\",client=\"crm\",reason=\"queue_full\"}"
+            "pacer_shed_total{upstream=\"api\",client=\"crm\",app=\"app\",reason=\"queue_full\"}"
         ),
         Some(5.0),
         "{text}"
@@ -174,7 +174,7 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(
         sample(
             &text,
-            "pacer_queue_wait_seconds_count{upstream=\"api\",priority=\"normal\"}"
+            "pacer_queue_wait_seconds_count{upstream=\"api\",priority=\"normal\",app=\"app\"}"
         ),
         Some(60.0),
         "{text}"
