@@ -103,7 +103,7 @@ impl Apps {
     /// learn this takes no allocation.
     pub fn resolve(&self, headers: &HeaderMap, route_app: Option<&str>) -> App {
         if let Some(v) = headers.get(&self.header) {
-            if let Some(app) = self.from_caller(v.as_bytes()) {
+            if let Some(app) = self.caller_app(v.as_bytes()) {
                 return app;
             }
         }
@@ -112,7 +112,7 @@ impl Apps {
         }
         if let Some(ua) = headers.get(header::USER_AGENT) {
             let product = ua.as_bytes().split(|&b| b == b'/' || b == b' ').next();
-            if let Some(app) = product.and_then(|p| self.from_caller(p)) {
+            if let Some(app) = product.and_then(|p| self.caller_app(p)) {
                 return app;
             }
         }
@@ -132,7 +132,7 @@ impl Apps {
     }
 
     /// The app a caller-sent value names, sanitized; none for an empty one.
-    fn from_caller(&self, raw: &[u8]) -> Option<App> {
+    fn caller_app(&self, raw: &[u8]) -> Option<App> {
         let raw = raw.trim_ascii();
         if raw.is_empty() {
             return None;
