@@ -108,7 +108,7 @@ mod tests {
         text.lines()
             .find_map(|l| {
                 l.strip_prefix(
-                    "pacer_requests_total{upstream=\"none\",client=\"unknown\",endpoint=\"none\",outcome=\"error\"} ",
+                    "pacer_requests_total{upstream=\"none\",client=\"unknown\",app=\"unknown\",endpoint=\"none\",outcome=\"error\"} ",
                 )
             })
             .map_or(0, |v| v.parse().unwrap())
