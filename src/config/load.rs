@@ -15,6 +15,7 @@ const SECTIONS: &[&str] = &[
     "adaptive",
     "log",
     "credential",
+    "usage",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -53,6 +54,7 @@ impl Config {
                 "state" => section(value, "state", &mut errors, &mut config.state),
                 "adaptive" => section(value, "adaptive", &mut errors, &mut config.adaptive),
                 "log" => section(value, "log", &mut errors, &mut config.log),
+                "usage" => section(value, "usage", &mut errors, &mut config.usage),
                 "upstream" => config.upstreams = array(value, "upstream", &mut errors),
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),

@@ -10,6 +10,7 @@ mod count;
 mod server;
 mod state;
 mod stats;
+mod usage;
 
 pub use crate::endpoint::Template;
 pub use config::{Scope, SimClient, SimConfig, SimConfigError, SimEndpoint};

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::config::SimConfig;
 use super::state::{Core, RateHeaders, Ticket};
 use super::stats::SimStats;
+use super::usage::{self, Executions};
 use crate::answer::{self, ProxyBody};
 use crate::limit::window::Nanos;
 
@@ -46,6 +47,8 @@ struct Shared {
     config: SimConfig,
     epoch: Instant,
     core: Mutex<Core>,
+    /// Usage queries posted (see [`usage`]).
+    executions: Executions,
 }
 
 impl Shared {
@@ -101,6 +104,7 @@ impl Simulator {
             core: Mutex::new(Core::new(&config)),
             config,
             epoch: Instant::now(),
+            executions: Executions::default(),
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
@@ -378,7 +382,11 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
         }
     }
 
-    let drained = drain(body).await;
+    let drained = if usage::is_query(&parts.method, path) {
+        usage::read_query(body).await
+    } else {
+        drain(body).await
+    };
     let latency = shared.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -404,7 +412,14 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
                 },
             )
         }
-        (Some(_), _, None) => echo(method, path, shared.config.body_bytes),
+        (Some(_), _, None) => usage::answer(
+            &shared.executions,
+            &shared.config,
+            || shared.lock().0.stats(),
+            &parts.method,
+            path,
+        )
+        .unwrap_or_else(|| echo(method, path, shared.config.body_bytes)),
     };
     if let Some(h) = headers.filter(|_| shared.config.rate_headers) {
         rate_headers(resp.headers_mut(), h);
