@@ -228,6 +228,20 @@ impl Usage {
         s.last_error = None;
     }
 
+    /// `[usage]` is off (a reload removed it): no counts, estimates or lowered ceilings
+    /// linger from earlier polls. Names stay cached.
+    pub fn forget(&self) {
+        let mut s = self.lock();
+        if s.polls == 0 && s.org.is_empty() {
+            return;
+        }
+        let names = std::mem::take(&mut s.names);
+        *s = State {
+            names,
+            ..State::default()
+        };
+    }
+
     /// A poll failed: shown in `/status`; the last counts stay.
     pub fn failed(&self, error: String) {
         self.lock().last_error = Some(error);

@@ -170,6 +170,7 @@ pub async fn run(current: Arc<ArcSwap<Proxy>>, mut stop: watch::Receiver<bool>) 
             }
             proxy.config.usage.interval.0
         } else {
+            proxy.usage.forget();
             IDLE_CHECK
         };
         drop(proxy);

@@ -159,6 +159,11 @@ async fn the_day_rolling_over_gives_no_estimate() {
     tokio::time::advance(Duration::from_secs(100)).await;
     usage.record(polled("2026-12-07", &[("ivr", 110)]), &ctx(true), "t3");
     assert_eq!(usage.outside("ivr").map(|o| o.per_second), Some(1.0));
+    // `[usage]` removed on reload: nothing lingers.
+    usage.forget();
+    assert_eq!(usage.outside("ivr"), None);
+    assert_eq!(usage.org_requests("ivr"), None);
+    assert!(usage.gauges()[0].samples.is_empty());
 }
 
 #[test]

@@ -59,6 +59,36 @@ fn sample(text: &str, line_start: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `promtool check metrics` passes on `text`, when promtool is on PATH (the observability
+/// tests require it in CI).
+fn promtool_accepts(text: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("SKIPPED promtool check: promtool is not on PATH");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_org_poll_exports_a_client_that_never_went_through_pacer() {
     let _slot = slot(Load::Timed).await;
@@ -98,6 +128,7 @@ async fn the_org_poll_exports_a_client_that_never_went_through_pacer() {
             "{text}"
         );
         assert!(text.contains("# TYPE pacer_client_info gauge"), "{text}");
+        promtool_accepts(&text);
         let status = admin_get(&pacer, "/status").await.json();
         assert!(status["usage"]["polls"].as_u64() >= Some(1), "{status}");
         assert_eq!(
