@@ -180,6 +180,11 @@ pub async fn start_with_workers(
         }
         None => None,
     };
+    // The organization's usage, polled with the configuration in force (`[usage]`).
+    tasks.push(tokio::spawn(crate::usage::run(
+        current.clone(),
+        stop.subscribe(),
+    )));
     // Histograms are buffered until rendered; keep them bounded when nobody scrapes.
     let (metrics, mut stopped_upkeep) = (proxy.metrics.clone(), stop.subscribe());
     tasks.push(tokio::spawn(async move {

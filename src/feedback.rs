@@ -86,6 +86,8 @@ pub struct Learn {
     metrics: Arc<Metrics>,
     /// Configured `requests` of each limit, by index (before headroom).
     configured: Arc<[Option<u64>]>,
+    /// Counts pacer's own sends per configured client for the outside-use estimate.
+    usage: Option<Arc<crate::usage::Usage>>,
 }
 
 impl Learn {
@@ -106,7 +108,14 @@ impl Learn {
             broker,
             metrics,
             configured,
+            usage: None,
         }
+    }
+
+    /// Also counts every answered request in `usage` ([`crate::usage::Usage::note_sent`]).
+    pub fn with_usage(mut self, usage: Arc<crate::usage::Usage>) -> Self {
+        self.usage = Some(usage);
+        self
     }
 
     /// Learns from the upstream's answer to an admitted request and passes it on.
@@ -120,6 +129,9 @@ impl Learn {
         let resp = result?;
         let (route, caller) = (&sent.route, &sent.caller);
         let status = resp.status();
+        if let Some(usage) = &self.usage {
+            usage.note_sent(&caller.key);
+        }
         self.metrics.upstream_response(
             &route.route.upstream_name,
             &caller.label,

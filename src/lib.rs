@@ -45,3 +45,4 @@ pub mod shadow;
 pub mod sim;
 pub mod state;
 mod status;
+pub mod usage;

@@ -24,6 +24,7 @@ use crate::route::{Access, RouteSetupError, RouteTable};
 use crate::server::ConnInfo;
 use crate::state::redis::RedisBackend;
 use crate::state::{Backend, Clock, LocalBackend};
+use crate::usage::Usage;
 use http::{Request, Response};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,6 +58,9 @@ pub struct Proxy {
     /// Tokens pacer fetches itself (`[[credential]]`), for credential routes and pacer's
     /// own API calls.
     pub credentials: Arc<Credentials>,
+    /// The organization's usage (`[usage]`) and pacer's own sends per configured client;
+    /// kept across reloads.
+    pub usage: Arc<Usage>,
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
@@ -78,6 +82,7 @@ struct Parts {
     adaptive: Arc<Adaptive>,
     broker: Option<Arc<TokenBroker>>,
     credentials: Arc<Credentials>,
+    usage: Arc<Usage>,
     resolver: Arc<UpstreamResolver>,
     log_sink: Option<LogSink>,
 }
@@ -93,6 +98,7 @@ impl Proxy {
                 old.metrics.clone(),
                 old.log_sink.clone(),
                 Some(&old.credentials),
+                old.usage.clone(),
             );
         }
         let upstreams = build_upstreams(&config)?;
@@ -117,7 +123,9 @@ impl Proxy {
                 &old.admission,
                 &old.metrics,
                 Some(&old.credentials),
+                &old.usage,
             ),
+            usage: old.usage.clone(),
             resolver: old.resolver.clone(),
             log_sink: old.log_sink.clone(),
             config,
@@ -137,7 +145,8 @@ impl Proxy {
 
     /// Like [`Proxy::new`], writing the access log (as `[log]` says) to `sink`.
     pub fn with_log(config: Arc<Config>, sink: Option<LogSink>) -> Result<Arc<Proxy>, SetupError> {
-        Self::build(config, Arc::new(Metrics::new()), sink, None)
+        let usage = Arc::new(Usage::new(config.identity.max_keys));
+        Self::build(config, Arc::new(Metrics::new()), sink, None, usage)
     }
 
     /// Like [`Proxy::with_log`], recording into existing metrics.
@@ -146,6 +155,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         log_sink: Option<LogSink>,
         previous: Option<&Credentials>,
+        usage: Arc<Usage>,
     ) -> Result<Arc<Proxy>, SetupError> {
         let upstreams = build_upstreams(&config)?;
         let index = |name: &str| config.upstream_index(name);
@@ -180,7 +190,7 @@ impl Proxy {
         );
         admission.set_critical_sources(CriticalSources::of(&config));
         let resolver = Arc::new(UpstreamResolver::new(upstreams.clone()));
-        let counter = admission.clone();
+        let (counter, sends) = (admission.clone(), usage.clone());
         let identity = Identity::new(
             config.identity.clone(),
             &config.clients,
@@ -193,6 +203,7 @@ impl Proxy {
                 &http::Method::GET,
                 "/api/v2/tokens/me",
             );
+            sends.note_sent(client);
         }));
         let broker = config.identity.token_cache.then(|| {
             Arc::new(TokenBroker::new(
@@ -204,12 +215,13 @@ impl Proxy {
             config.adaptive.clone(),
             config.identity.max_keys,
         ));
-        let scales = adaptive.clone();
+        let (scales, outside) = (adaptive.clone(), usage.clone());
         admission.set_scaler(Arc::new(move |key| {
             let s = scales.scale(key);
-            (s.rate, s.client)
+            // Use outside pacer (`[usage] subtract`) lowers the per-client layer too.
+            (s.rate, s.client.min(outside.client_share(key)))
         }));
-        let credentials = credentials(&config, &upstreams, &admission, &metrics, previous);
+        let credentials = credentials(&config, &upstreams, &admission, &metrics, previous, &usage);
         let apps = Arc::new(new_apps(&config));
         Proxy::assemble(Parts {
             config,
@@ -221,6 +233,7 @@ impl Proxy {
             adaptive,
             broker,
             credentials,
+            usage,
             resolver,
             log_sink,
         })
@@ -229,6 +242,13 @@ impl Proxy {
     /// The request path, phase by phase, each with the handles it needs.
     fn assemble(p: Parts) -> Result<Arc<Proxy>, SetupError> {
         let config = &p.config;
+        p.usage.watch(
+            config
+                .clients
+                .iter()
+                .map(|c| c.id.as_str())
+                .chain(config.credentials.iter().map(|c| c.client_id.as_str())),
+        );
         let server = &config.server;
         let draining = Arc::new(AtomicBool::new(false));
         let trusted: Arc<[Cidr]> = server.trusted_proxies.clone().into();
@@ -263,7 +283,8 @@ impl Proxy {
                 p.broker.clone(),
                 p.metrics.clone(),
                 configured,
-            ),
+            )
+            .with_usage(p.usage.clone()),
             metrics: p.metrics.clone(),
             access_log: p
                 .log_sink
@@ -282,6 +303,7 @@ impl Proxy {
             adaptive: p.adaptive,
             broker: p.broker,
             credentials: p.credentials,
+            usage: p.usage,
             resolver: p.resolver,
             log_sink: p.log_sink,
             sensitive_headers,
@@ -308,19 +330,22 @@ impl Proxy {
 
 /// The configuration's credentials, counting every request they send against the limits
 /// like a forwarded one of their OAuth client (the token exchange against the login
-/// preset's `token-issuance`), and keeping `previous` tokens whose settings are unchanged.
+/// preset's `token-issuance`) and as pacer's own use of it in `usage`, and keeping
+/// `previous` tokens whose settings are unchanged.
 fn credentials(
     config: &Config,
     upstreams: &[Arc<Upstream>],
     admission: &Admission,
     metrics: &Arc<Metrics>,
     previous: Option<&Credentials>,
+    usage: &Arc<Usage>,
 ) -> Arc<Credentials> {
-    let counter = admission.clone();
+    let (counter, sends) = (admission.clone(), usage.clone());
     let mut credentials = Credentials::new(config, upstreams.to_vec())
         .with_metrics(metrics.clone())
         .with_send_hook(Arc::new(move |upstream, client, method, path| {
             counter.record_sent(upstream, &Arc::from(client), method, path);
+            sends.note_sent(client);
         }));
     if let Some(old) = previous {
         credentials = credentials.carry_over(old);

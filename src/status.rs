@@ -117,6 +117,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             .collect::<Vec<_>>(),
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
+        "usage": proxy.usage.status(|id| client_label(proxy, id)),
         "recent": {
             "minutes": crate::recent::MINUTES,
             "clients": proxy.metrics.recent().snapshot(),
@@ -331,6 +332,8 @@ pub fn render_metrics(proxy: &Proxy) -> String {
                 .collect(),
         },
     ];
+    let mut gauges = Vec::from(gauges);
+    gauges.extend(proxy.usage.gauges());
     let mut text = proxy.metrics.render(&gauges);
     crate::metrics::render_process(&mut text);
     text

@@ -16,6 +16,7 @@ const SECTIONS: &[&str] = &[
     "log",
     "credential",
     "app",
+    "usage",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -54,6 +55,7 @@ impl Config {
                 "state" => section(value, "state", &mut errors, &mut config.state),
                 "adaptive" => section(value, "adaptive", &mut errors, &mut config.adaptive),
                 "log" => section(value, "log", &mut errors, &mut config.log),
+                "usage" => section(value, "usage", &mut errors, &mut config.usage),
                 "upstream" => config.upstreams = array(value, "upstream", &mut errors),
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),

@@ -9,6 +9,7 @@ mod env;
 mod load;
 mod presets;
 mod types;
+mod usage;
 mod validate;
 
 pub use apps::{app_name_ok, AppConfig, MAX_APP_NAME};
@@ -16,6 +17,7 @@ pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
 pub use types::{Cidr, Dur, IdentitySource, Priority, Scope, Secret, UnknownClients};
+pub use usage::{UsageConfig, MIN_USAGE_INTERVAL};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -86,6 +88,8 @@ pub struct Config {
     pub log: LogConfig,
     /// OAuth clients whose tokens pacer fetches itself (`[[credential]]`).
     pub credentials: Vec<CredentialConfig>,
+    /// The organization's API use per OAuth client, polled (`[usage]`).
+    pub usage: UsageConfig,
 }
 
 /// `[log]`: the access log, one line per request on stdout.

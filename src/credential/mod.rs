@@ -255,6 +255,34 @@ impl Credentials {
         upstream: &str,
         path: &str,
     ) -> Result<serde_json::Value, CredentialError> {
+        self.call_json(name, upstream, Method::GET, path, None)
+            .await
+    }
+
+    /// Like [`Credentials::get_json`], but `POST path` with `body` as JSON (the usage
+    /// query). A 2xx answer's JSON body, e.g. a 202's.
+    pub async fn post_json(
+        &self,
+        name: &str,
+        upstream: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, CredentialError> {
+        let body = bytes::Bytes::from(body.to_string());
+        self.call_json(name, upstream, Method::POST, path, Some(body))
+            .await
+    }
+
+    /// One JSON call of pacer's own with credential `name`'s token; see
+    /// [`Credentials::get_json`].
+    async fn call_json(
+        &self,
+        name: &str,
+        upstream: &str,
+        method: Method,
+        path: &str,
+        body: Option<bytes::Bytes>,
+    ) -> Result<serde_json::Value, CredentialError> {
         let index = self
             .upstreams
             .iter()
@@ -271,12 +299,19 @@ impl Credentials {
         let mut retried = false;
         loop {
             let token = self.token(name).await?;
-            let mut req = Request::new(full(bytes::Bytes::new()));
+            let mut req = Request::new(full(body.clone().unwrap_or_default()));
+            *req.method_mut() = method.clone();
             req.headers_mut()
                 .insert(header::AUTHORIZATION, token.authorization());
             req.headers_mut()
                 .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-            self.sent(index, client_id, &Method::GET, path);
+            if body.is_some() {
+                req.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            self.sent(index, client_id, &method, path);
             let timeout = target.timeout();
             let call = async {
                 let resp = target

@@ -11,6 +11,7 @@ mod jobs;
 mod server;
 mod state;
 mod stats;
+mod usage;
 
 pub use crate::endpoint::Template;
 pub use config::{Scope, SimClient, SimConfig, SimConfigError, SimEndpoint};

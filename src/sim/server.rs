@@ -27,6 +27,7 @@ use super::config::SimConfig;
 use super::jobs::Jobs;
 use super::state::{Core, RateHeaders, Ticket};
 use super::stats::SimStats;
+use super::usage::{self, Executions};
 use crate::answer::{self, ProxyBody};
 use crate::limit::window::Nanos;
 
@@ -48,6 +49,8 @@ struct Shared {
     epoch: Instant,
     core: Mutex<Core>,
     jobs: Mutex<Jobs>,
+    /// Usage queries posted (see [`usage`]).
+    executions: Executions,
 }
 
 impl Shared {
@@ -119,6 +122,7 @@ impl Simulator {
             jobs: Mutex::new(Jobs::default()),
             config,
             epoch: Instant::now(),
+            executions: Executions::default(),
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), stopped));
@@ -398,7 +402,11 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
         }
     }
 
-    let drained = drain(body).await;
+    let drained = if usage::is_query(&parts.method, path) {
+        usage::read_query(body).await
+    } else {
+        drain(body).await
+    };
     let latency = shared.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -426,6 +434,15 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
         }
         (Some(id), _, None) => shared
             .jobs(id, &parts.method, path)
+            .or_else(|| {
+                usage::answer(
+                    &shared.executions,
+                    &shared.config,
+                    || shared.lock().0.stats(),
+                    &parts.method,
+                    path,
+                )
+            })
             .unwrap_or_else(|| echo(method, path, shared.config.body_bytes)),
     };
     if let Some(h) = headers.filter(|_| shared.config.rate_headers) {

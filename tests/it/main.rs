@@ -35,4 +35,5 @@ mod sim;
 mod slow_peers;
 mod smuggling;
 mod soak;
+mod usage;
 mod workers;
