@@ -19,6 +19,7 @@ mod buffer;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod discover;
 mod edge;
 mod egress;
 pub mod endpoint;

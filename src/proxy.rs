@@ -11,6 +11,7 @@ use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
 use crate::config::{Cidr, Config, StateBackend};
 use crate::credential::{CredentialForward, Credentials};
+use crate::discover::Discovery;
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
 use crate::guard::Guard;
@@ -55,6 +56,8 @@ pub struct Proxy {
     /// Tokens pacer fetches itself (`[[credential]]`), for credential routes and pacer's
     /// own API calls.
     pub credentials: Arc<Credentials>,
+    /// The org's published limits as last read (`[discover]`).
+    pub discovery: Arc<Discovery>,
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
@@ -75,6 +78,7 @@ struct Parts {
     adaptive: Arc<Adaptive>,
     broker: Option<Arc<TokenBroker>>,
     credentials: Arc<Credentials>,
+    discovery: Arc<Discovery>,
     resolver: Arc<UpstreamResolver>,
     log_sink: Option<LogSink>,
 }
@@ -102,6 +106,12 @@ impl Proxy {
             adaptive: old.adaptive.clone(),
             broker: old.broker.clone(),
             credentials: credentials(&config, &upstreams, &old.admission, Some(&old.credentials)),
+            // Published values stay in force unless `[discover]` itself changed.
+            discovery: if old.config.discover == config.discover {
+                old.discovery.clone()
+            } else {
+                Arc::new(Discovery::new(&config, old.admission.limits()))
+            },
             resolver: old.resolver.clone(),
             log_sink: old.log_sink.clone(),
             config,
@@ -145,6 +155,7 @@ impl Proxy {
         let limits = Arc::new(
             LimitSet::new(&config.limits, &config.queue, index).shadowed(config.server.shadow),
         );
+        let discovery = Arc::new(Discovery::new(&config, &limits));
         let clock = Clock::default();
         let backend: Arc<dyn Backend> = match config.state.backend {
             StateBackend::Local => Arc::new(LocalBackend::new(limits.clone(), clock)),
@@ -203,6 +214,7 @@ impl Proxy {
             adaptive,
             broker,
             credentials,
+            discovery,
             resolver,
             log_sink,
         })
@@ -263,6 +275,7 @@ impl Proxy {
             adaptive: p.adaptive,
             broker: p.broker,
             credentials: p.credentials,
+            discovery: p.discovery,
             resolver: p.resolver,
             log_sink: p.log_sink,
             sensitive_headers,

@@ -468,7 +468,7 @@ fn shed_reason(b: &Blocked, otherwise: ShedReason) -> ShedReason {
 fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
     let spec = set.specs.get(b.layer()?.limit)?;
     let quota = spec
-        .requests
+        .requests_now()
         .or(spec.concurrency.map(|c| c[0]))
         .unwrap_or(0);
     let reset = ceil_secs(Duration::from_nanos(b.wait.unwrap_or(1_000_000_000))).max(1);

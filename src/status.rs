@@ -97,6 +97,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
                 "client_share": r.client_share,
             }))
             .collect::<Vec<_>>(),
+        "discovery": proxy.discovery.report(&proxy.config),
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
         "recent": {
@@ -270,6 +271,19 @@ pub fn render_metrics(proxy: &Proxy) -> String {
                     })
                     .collect()
             },
+        },
+        Gauge {
+            name: "pacer_limit_discovered",
+            help: "The org's published size of a limit in force ([discover]), requests per window; only for limits with one.",
+            samples: proxy
+                .discovery
+                .report(&proxy.config)
+                .into_iter()
+                .filter_map(|r| {
+                    let labels = vec![("limit", r.limit), ("upstream", r.upstream.unwrap_or_default())];
+                    Some((labels, r.published? as f64))
+                })
+                .collect(),
         },
         Gauge {
             name: "pacer_state_backend_up",

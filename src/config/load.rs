@@ -15,6 +15,7 @@ const SECTIONS: &[&str] = &[
     "adaptive",
     "log",
     "credential",
+    "discover",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -58,6 +59,7 @@ impl Config {
                 "client" => config.clients = array(value, "client", &mut errors),
                 "limit" => config.limits = array(value, "limit", &mut errors),
                 "credential" => config.credentials = array(value, "credential", &mut errors),
+                "discover" => config.discover = typed(value, "discover", &mut errors),
                 other => errors.push(ConfigError {
                     path: other.to_string(),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),

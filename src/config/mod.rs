@@ -3,6 +3,7 @@
 //! Every mistake is reported with its key path (`upstream[1].url: relative URL "api"`), all
 //! of them at once, so one `pacer check-config` run shows everything to fix.
 
+mod discover;
 mod egress;
 mod env;
 mod load;
@@ -10,6 +11,7 @@ mod presets;
 mod types;
 mod validate;
 
+pub use discover::{DiscoverConfig, DiscoverKey, MIN_DISCOVER_INTERVAL};
 pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
@@ -82,6 +84,8 @@ pub struct Config {
     pub log: LogConfig,
     /// OAuth clients whose tokens pacer fetches itself (`[[credential]]`).
     pub credentials: Vec<CredentialConfig>,
+    /// Reading the org's published limits (`[discover]`); off when absent.
+    pub discover: Option<DiscoverConfig>,
 }
 
 /// `[log]`: the access log, one line per request on stdout.
@@ -501,6 +505,9 @@ pub struct LimitConfig {
     /// Decide and count, but never queue or shed (see [`crate::shadow`]).
     #[serde(default)]
     pub shadow: bool,
+    /// Where the org's published value of this limit is (used with `[discover]`).
+    #[serde(default)]
+    pub discover: Option<DiscoverKey>,
 }
 
 impl LimitConfig {

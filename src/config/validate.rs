@@ -152,6 +152,7 @@ impl Config {
             }
         }
         self.validate_credentials(&names, &mut err);
+        self.validate_discover(&mut err);
         let mut client_ids = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if c.id.is_empty() {

@@ -4,11 +4,13 @@
 //! layer that matches (all-or-nothing) or says how long until it could. It holds no clock
 //! and no lock; [`crate::queue`] adds waiting, time and sharing.
 
+pub mod discovered;
 pub mod window;
 
 use crate::config::{LimitConfig, Priority, QueueConfig, Scope};
 use crate::endpoint::{Classifier, Endpoint, Template};
 use crate::shadow::{Subject, WouldBlock};
+use discovered::Discovered;
 use http::Method;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +43,9 @@ pub struct LimitSpec {
     pub concurrency_open: Option<[u64; 3]>,
     /// Decides and counts, never holds a request back (see [`crate::shadow`]).
     pub shadow: bool,
+    /// The published ceiling discovery found (`[discover]`); shared by every copy of this
+    /// spec, set at runtime. Present on rate limits only.
+    pub discovered: Option<Arc<Discovered>>,
 }
 
 impl LimitSpec {
@@ -52,6 +57,22 @@ impl LimitSpec {
             self.ceilings_open
         };
         c.map(|c| c[class])
+    }
+
+    /// The rate ceiling of a priority class in force now: the configured one cut to
+    /// `scale` (adaptive cuts and learned ceilings are shares of the configured size), and
+    /// never above the published one (`[discover]`).
+    pub fn ceiling_now(&self, class: usize, reserved: bool, scale: f64) -> Option<u64> {
+        let c = self.rate_ceiling(class, reserved)?;
+        let published = self.discovered.as_ref().map_or(c, |d| d.cap(c));
+        Some(scaled(c, scale).min(published))
+    }
+
+    /// Requests per window after headroom in force now: the configured number, or the
+    /// published one where discovery lowered it.
+    pub fn requests_now(&self) -> Option<u64> {
+        let n = self.requests?;
+        Some(self.discovered.as_ref().map_or(n, |d| d.cap(n)))
     }
 
     /// In-flight cap of a priority class; `reserved` as for [`LimitSpec::rate_ceiling`].
@@ -119,6 +140,7 @@ impl LimitSet {
                     concurrency: l.concurrency.map(|n| ceilings(n, queue, true)),
                     concurrency_open: l.concurrency.map(|n| ceilings(n, queue, false)),
                     shadow: l.shadow,
+                    discovered: requests.map(|n| Arc::new(Discovered::new(n))),
                 }
             })
             .collect();
@@ -384,9 +406,8 @@ impl Ledger {
                 continue;
             }
             let ahead = queued_ahead(layer);
-            if let Some(ceil) = spec.rate_ceiling(class, reserved) {
+            if let Some(ceil) = spec.ceiling_now(class, reserved, demand.scale_of(i)) {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil, demand.scale_of(i));
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, ahead);
                 if wait > 0 {
                     let worse = match &blocked {
@@ -464,9 +485,8 @@ impl Ledger {
                     continue;
                 }
             }
-            if let Some(ceil) = spec.rate_ceiling(class, reserved) {
+            if let Some(ceil) = spec.ceiling_now(class, reserved, demand.scale_of(i)) {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil, demand.scale_of(i));
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, 0);
                 if wait > 0 {
                     out.push(WouldBlock {
@@ -616,9 +636,7 @@ impl Ledger {
             if spec.shadow {
                 continue;
             }
-            let Some(quota) = spec
-                .rate_ceiling(class, demand.holds_reserve(i))
-                .map(|c| scaled(c, demand.scale_of(i)))
+            let Some(quota) = spec.ceiling_now(class, demand.holds_reserve(i), demand.scale_of(i))
             else {
                 continue;
             };

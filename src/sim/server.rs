@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::config::SimConfig;
+use super::limits;
 use super::state::{Core, RateHeaders, Ticket};
 use super::stats::SimStats;
 use crate::answer::{self, ProxyBody};
@@ -403,6 +404,9 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
                     },
                 },
             )
+        }
+        (Some(_), _, None) if path.starts_with(limits::PREFIX) && parts.method == Method::GET => {
+            limits::answer(&shared.config, path)
         }
         (Some(_), _, None) => echo(method, path, shared.config.body_bytes),
     };
