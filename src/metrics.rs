@@ -223,7 +223,8 @@ impl Metrics {
     /// `pacer_discovery_errors_total`: a namespace of the org's published limits could
     /// not be read (`[discover]`).
     pub fn discovery_error(&self) {
-        self.counter("pacer_discovery_errors_total", &[]).increment(1);
+        self.counter("pacer_discovery_errors_total", &[])
+            .increment(1);
     }
 
     /// `pacer_queue_wait_seconds`.

@@ -246,7 +246,9 @@ impl Discovery {
             .limits
             .iter()
             .zip(state.known.iter())
-            .filter_map(|(l, k)| LimitReport::of(l, k.published, k.problem.as_ref(), self.interval.is_some()))
+            .filter_map(|(l, k)| {
+                LimitReport::of(l, k.published, k.problem.as_ref(), self.interval.is_some())
+            })
             .collect()
     }
 

@@ -99,7 +99,10 @@ pub async fn check(config: &Config) -> String {
     let upstreams = match upstreams {
         Ok(u) => u,
         Err(e) => {
-            let _ = writeln!(out, "discover: FAILED: {e}; pacer would run on its configured values");
+            let _ = writeln!(
+                out,
+                "discover: FAILED: {e}; pacer would run on its configured values"
+            );
             return out;
         }
     };
@@ -116,7 +119,9 @@ pub async fn check(config: &Config) -> String {
             Some(Outcome::Published(n)) => Some(*n),
             _ => None,
         };
-        let problem = outcome.as_ref().filter(|o| !matches!(o, Outcome::Published(_)));
+        let problem = outcome
+            .as_ref()
+            .filter(|o| !matches!(o, Outcome::Published(_)));
         let Some(r) = LimitReport::of(l, published, problem, true) else {
             continue;
         };

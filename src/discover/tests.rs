@@ -140,7 +140,10 @@ async fn a_failing_endpoint_leaves_the_configured_values_and_says_so() {
         "{}",
         lowered.source
     );
-    assert!(lowered.error.as_deref().unwrap().contains("503"), "{lowered:?}");
+    assert!(
+        lowered.error.as_deref().unwrap().contains("503"),
+        "{lowered:?}"
+    );
     assert_eq!(discovery.failed_reads(), 1);
 }
 
@@ -164,7 +167,10 @@ discover = { namespace = "platform.api", key = "no.such.key" }
     let discovery = Discovery::new(&config, &set);
     let reading = read(&config, &credentials(&config)).await;
     assert!(matches!(&reading.outcomes[3], Some(Outcome::Failed(e)) if e.contains("404")));
-    assert!(matches!(&reading.outcomes[4], Some(Outcome::NotPublished(_))));
+    assert!(matches!(
+        &reading.outcomes[4],
+        Some(Outcome::NotPublished(_))
+    ));
     discovery.apply(&config, &set, reading);
     let reports = discovery.report(&config);
     assert_eq!(by_name(&reports, "elsewhere").effective, 30);
@@ -181,7 +187,11 @@ fn a_failed_read_keeps_the_last_published_value() {
     let set = set_of(&config);
     let discovery = Discovery::new(&config, &set);
     let published = Reading {
-        outcomes: vec![Some(Outcome::Published(20)), Some(Outcome::Published(5)), None],
+        outcomes: vec![
+            Some(Outcome::Published(20)),
+            Some(Outcome::Published(5)),
+            None,
+        ],
         failures: vec![],
     };
     discovery.apply(&config, &set, published);
@@ -263,15 +273,38 @@ upstream = "api"
         }
     };
     let e = errors("[discover]\ncredential = \"nope\"\ninterval = \"1s\"\n");
-    assert!(e.iter().any(|e| e.starts_with("discover.credential: no [[credential]]")), "{e:?}");
-    assert!(e.iter().any(|e| e.starts_with("discover.interval: must be at least")), "{e:?}");
-    assert!(e.iter().any(|e| e.starts_with("discover.upstream: required unless")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("discover.credential: no [[credential]]")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("discover.interval: must be at least")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("discover.upstream: required unless")),
+        "{e:?}"
+    );
     let e = errors(
         "[[limit]]\nname = \"c\"\nconcurrency = 2\ndiscover = { namespace = \"a b\", key = \"\" }\n",
     );
-    assert!(e.iter().any(|e| e.starts_with("limit[0].discover.namespace:")), "{e:?}");
-    assert!(e.iter().any(|e| e.starts_with("limit[0].discover.key:")), "{e:?}");
-    assert!(e.iter().any(|e| e.starts_with("limit[0].discover: only a rate limit")), "{e:?}");
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("limit[0].discover.namespace:")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter().any(|e| e.starts_with("limit[0].discover.key:")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|e| e.starts_with("limit[0].discover: only a rate limit")),
+        "{e:?}"
+    );
     let e = errors("[discover]\ncredential = \"x\"\nupstream = \"api\"\nbogus = 1\n");
     assert!(e.iter().any(|e| e.contains("bogus")), "{e:?}");
 }
@@ -288,9 +321,16 @@ prefix = "/"
 upstream = "api"
 "#;
     let config = Config::parse(text).unwrap();
-    let per_client = config.limits.iter().find(|l| l.name == "per-client").unwrap();
+    let per_client = config
+        .limits
+        .iter()
+        .find(|l| l.name == "per-client")
+        .unwrap();
     let k = per_client.discover.as_ref().unwrap();
-    assert_eq!((k.namespace.as_str(), k.key.as_str()), ("platform.api", KEY));
+    assert_eq!(
+        (k.namespace.as_str(), k.key.as_str()),
+        ("platform.api", KEY)
+    );
     // Without `[discover]` nothing reads it; with it, the preset upstream is the default.
     assert_eq!(config.discover_upstream(), None);
 }

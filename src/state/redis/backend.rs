@@ -145,9 +145,7 @@ impl RedisBackend {
                     spec.ceiling_now(class, reserved, scale),
                     spec.concurrency_cap(class, reserved),
                 ) {
-                    (false, Some(ceil), _) => {
-                        (KeyKind::Rate, ceil, spec.window / 1000, ceil)
-                    }
+                    (false, Some(ceil), _) => (KeyKind::Rate, ceil, spec.window / 1000, ceil),
                     (true, _, Some(c)) => (
                         KeyKind::Concurrency,
                         c,
