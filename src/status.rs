@@ -33,7 +33,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
                 "limit": &*spec.name,
                 "key": layer.part.label(),
                 "used": used,
-                "quota": spec.requests,
+                "quota": spec.requests_now(),
                 "inflight": inflight,
                 "concurrency": spec.concurrency.map(|c| c[0]),
                 "client": client,
@@ -193,7 +193,7 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for (layer, used, inflight) in proxy.admission.usage() {
         let spec = &set.specs[layer.limit];
         let mut ratio: f64 = 0.0;
-        if let Some(q) = spec.requests {
+        if let Some(q) = spec.requests_now() {
             ratio = ratio.max(used as f64 / q.max(1) as f64);
         }
         if let Some(c) = spec.concurrency {

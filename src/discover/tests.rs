@@ -334,3 +334,29 @@ upstream = "api"
     // Without `[discover]` nothing reads it; with it, the preset upstream is the default.
     assert_eq!(config.discover_upstream(), None);
 }
+
+#[test]
+fn the_readme_example_is_a_valid_configuration() {
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("## The org's real limits")
+        .nth(1)
+        .expect("README section");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("toml block");
+    let text = format!("{block}\n[[route]]\nprefix = \"/\"\nupstream = \"genesys-api\"\n");
+    let config = Config::parse_with_env(&text, &|n| {
+        (n == "LIMITS_READER_SECRET").then(|| "s".into())
+    })
+    .unwrap();
+    assert_eq!(config.discover_upstream(), Some("genesys-api"));
+    let with_discover = config
+        .limits
+        .iter()
+        .filter(|l| l.discover.is_some())
+        .count();
+    assert_eq!(with_discover, 2, "the preset's per-client and user-apps");
+}

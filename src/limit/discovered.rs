@@ -2,7 +2,26 @@
 //! of its [`super::LimitSpec`] so that discovery lowers it at runtime without rebuilding
 //! the limits or losing their counters.
 
+use super::{scaled, LimitSpec};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+impl LimitSpec {
+    /// The rate ceiling of a priority class in force now: the configured one cut to
+    /// `scale` (adaptive cuts and learned ceilings are shares of the configured size), and
+    /// never above the published one (`[discover]`).
+    pub fn ceiling_now(&self, class: usize, reserved: bool, scale: f64) -> Option<u64> {
+        let c = self.rate_ceiling(class, reserved)?;
+        let published = self.discovered.as_ref().map_or(c, |d| d.cap(c));
+        Some(scaled(c, scale).min(published))
+    }
+
+    /// Requests per window after headroom in force now: the configured number, or the
+    /// published one where discovery lowered it.
+    pub fn requests_now(&self) -> Option<u64> {
+        let n = self.requests?;
+        Some(self.discovered.as_ref().map_or(n, |d| d.cap(n)))
+    }
+}
 
 /// The published size of one rate limit, after its headroom, relative to its configured
 /// size. Only ever lowers a ceiling: a published value at or above the configured one, or

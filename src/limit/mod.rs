@@ -59,22 +59,6 @@ impl LimitSpec {
         c.map(|c| c[class])
     }
 
-    /// The rate ceiling of a priority class in force now: the configured one cut to
-    /// `scale` (adaptive cuts and learned ceilings are shares of the configured size), and
-    /// never above the published one (`[discover]`).
-    pub fn ceiling_now(&self, class: usize, reserved: bool, scale: f64) -> Option<u64> {
-        let c = self.rate_ceiling(class, reserved)?;
-        let published = self.discovered.as_ref().map_or(c, |d| d.cap(c));
-        Some(scaled(c, scale).min(published))
-    }
-
-    /// Requests per window after headroom in force now: the configured number, or the
-    /// published one where discovery lowered it.
-    pub fn requests_now(&self) -> Option<u64> {
-        let n = self.requests?;
-        Some(self.discovered.as_ref().map_or(n, |d| d.cap(n)))
-    }
-
     /// In-flight cap of a priority class; `reserved` as for [`LimitSpec::rate_ceiling`].
     pub fn concurrency_cap(&self, class: usize, reserved: bool) -> Option<u64> {
         let c = if reserved {
