@@ -111,6 +111,9 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.limits.len()
                 );
+                for w in c.warnings() {
+                    println!("  warning: {w}");
+                }
                 if discover {
                     let runtime = match runtime(true) {
                         Ok(r) => r,
@@ -144,6 +147,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            for w in config.warnings() {
+                tracing::warn!(key = %w.path, "{}", w.message);
+            }
             // One single-threaded runtime per serving thread (`[server] workers`); this one
             // is the first and also runs the shared background work.
             let runtime = match runtime(true) {

@@ -213,6 +213,17 @@ impl Metrics {
             .with([upstream, route], status, register, |c| c.increment(1));
     }
 
+    /// `pacer_credential_exchanges_total`: token exchanges pacer made for a configured
+    /// `[[credential]]` (a bounded set of names), by `result` (`ok` or `error`).
+    pub fn credential_exchange(&self, credential: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.counter(
+            "pacer_credential_exchanges_total",
+            &[("credential", credential), ("result", result)],
+        )
+        .increment(1);
+    }
+
     /// `pacer_access_log_dropped_total`: access log lines dropped because the writer was
     /// behind.
     pub fn access_log_dropped(&self) {
@@ -364,6 +375,11 @@ fn describe(recorder: &PrometheusRecorder) {
         name("pacer_rejected_total"),
         None,
         text("Requests pacer refused itself (400, 401, 403, 404, 405, 413, 414, 431), by upstream, route prefix and status."),
+    );
+    recorder.describe_counter(
+        name("pacer_credential_exchanges_total"),
+        None,
+        text("Client-credentials token exchanges pacer made for a [[credential]], by result."),
     );
     recorder.describe_counter(
         name("pacer_access_log_dropped_total"),

@@ -160,12 +160,12 @@ impl Pipeline {
         let req: Admitted = self.admit.admit(req, labels).await?;
         // Send upstream; the answer streams back.
         let sending = Instant::now();
-        let (answer, sent) = self.forward.send(req).await;
+        let (answer, mut sent) = self.forward.send(req).await;
         labels.upstream_time = Some(sending.elapsed());
         // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
         let answer = self
             .learn
-            .learn(&sent, labels.endpoint(), flight.as_ref(), answer)
+            .learn(&mut sent, labels.endpoint(), flight.as_ref(), answer)
             .await;
         // The answer carries the RateLimit headers and holds concurrency until it ends.
         Ok((sent.finish(answer)?, Outcome::Forwarded))

@@ -105,7 +105,13 @@ impl Proxy {
             metrics: old.metrics.clone(),
             adaptive: old.adaptive.clone(),
             broker: old.broker.clone(),
-            credentials: credentials(&config, &upstreams, &old.admission, Some(&old.credentials)),
+            credentials: credentials(
+                &config,
+                &upstreams,
+                &old.admission,
+                &old.metrics,
+                Some(&old.credentials),
+            ),
             // Published values stay in force unless `[discover]` itself changed.
             discovery: if old.config.discover == config.discover {
                 old.discovery.clone()
@@ -204,7 +210,7 @@ impl Proxy {
             let s = scales.scale(key);
             (s.rate, s.client)
         }));
-        let credentials = credentials(&config, &upstreams, &admission, previous);
+        let credentials = credentials(&config, &upstreams, &admission, &metrics, previous);
         Proxy::assemble(Parts {
             config,
             upstreams,
@@ -307,14 +313,15 @@ fn credentials(
     config: &Config,
     upstreams: &[Arc<Upstream>],
     admission: &Admission,
+    metrics: &Arc<Metrics>,
     previous: Option<&Credentials>,
 ) -> Arc<Credentials> {
     let counter = admission.clone();
-    let mut credentials = Credentials::new(config, upstreams.to_vec()).with_send_hook(Arc::new(
-        move |upstream, client, method, path| {
+    let mut credentials = Credentials::new(config, upstreams.to_vec())
+        .with_metrics(metrics.clone())
+        .with_send_hook(Arc::new(move |upstream, client, method, path| {
             counter.record_sent(upstream, &Arc::from(client), method, path);
-        },
-    ));
+        }));
     if let Some(old) = previous {
         credentials = credentials.carry_over(old);
     }

@@ -24,6 +24,7 @@ struct Spec {
     concurrency: Option<u64>,
     /// The (namespace, key) under which Genesys publishes the org's value of this limit.
     discover: Option<(&'static str, &'static str)>,
+    jobs: Option<u64>,
 }
 
 const GENESYS: &[Spec] = &[
@@ -36,6 +37,7 @@ const GENESYS: &[Spec] = &[
         requests: Some((300, 60)),
         concurrency: None,
         discover: Some(("platform.api", "client.credentials.token.rate.per.minute")),
+        jobs: None,
     },
     // Client-credentials requests of the whole org.
     Spec {
@@ -45,6 +47,7 @@ const GENESYS: &[Spec] = &[
         requests: Some((3000, 60)),
         concurrency: None,
         discover: None,
+        jobs: None,
     },
     // Resource limit documented for IVR updates.
     Spec {
@@ -54,6 +57,7 @@ const GENESYS: &[Spec] = &[
         requests: Some((100, 60)),
         concurrency: None,
         discover: None,
+        jobs: None,
     },
     // 50 concurrent Data Action executions per org.
     Spec {
@@ -63,6 +67,7 @@ const GENESYS: &[Spec] = &[
         requests: None,
         concurrency: Some(50),
         discover: None,
+        jobs: None,
     },
     // Analytics queries: 5-10 concurrent per org; keep two spare for wallboards.
     Spec {
@@ -71,6 +76,20 @@ const GENESYS: &[Spec] = &[
         scope: Scope::Global,
         requests: None,
         concurrency: Some(8),
+        discover: None,
+        jobs: None,
+    },
+    // Analytics conversation- and user-details jobs hold one of the org's few concurrent
+    // analytics slots from creation until they finish. The field notes (seed 004) give
+    // "5-10 concurrent queries per org"; the preset keeps to the bottom of that range, for
+    // both job families together.
+    Spec {
+        name: "analytics-jobs",
+        matches: Some("POST /api/v2/analytics/*/details/jobs"),
+        scope: Scope::Global,
+        requests: None,
+        concurrency: None,
+        jobs: Some(5),
         discover: None,
     },
 ];
@@ -85,6 +104,7 @@ const GENESYS_LOGIN: &[Spec] = &[
         requests: Some((300, 60)),
         concurrency: None,
         discover: None,
+        jobs: None,
     },
 ];
 
@@ -120,6 +140,8 @@ pub(super) fn with_preset_limits(
                 requests: spec.requests.map(|(n, _)| n),
                 per: spec.requests.map(|(_, secs)| Dur::secs(secs)),
                 concurrency: spec.concurrency,
+                jobs: spec.jobs,
+                job_ttl: None,
                 headroom: 0.0,
                 guard: None,
                 shadow: false,

@@ -19,6 +19,7 @@ use crate::answer::{collect_limited, full};
 use crate::broker::issued_token;
 use crate::config::{Config, CredentialConfig};
 use crate::forward::Upstream;
+use crate::metrics::Metrics;
 use base64::Engine as _;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use sha2::{Digest, Sha256};
@@ -132,6 +133,7 @@ pub struct Credentials {
     entries: HashMap<String, Entry>,
     upstreams: Vec<Arc<Upstream>>,
     on_send: Option<SendHook>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -168,7 +170,14 @@ impl Credentials {
             entries,
             upstreams,
             on_send: None,
+            metrics: None,
         }
+    }
+
+    /// Counts exchanges in `pacer_credential_exchanges_total`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Credentials {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Calls `hook` for every request sent (see [`SendHook`]).
@@ -349,6 +358,9 @@ impl Credentials {
         let result = tokio::time::timeout(timeout, call)
             .await
             .unwrap_or(Err(CredentialError::Timeout(timeout)));
+        if let Some(m) = &self.metrics {
+            m.credential_exchange(&c.name, result.is_ok());
+        }
         match &result {
             Ok((token, lifetime)) => tracing::info!(
                 credential = %c.name,

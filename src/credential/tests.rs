@@ -1,4 +1,4 @@
-use super::slot::{refresh_margin, Slot, FAILURE_HOLD};
+use super::slot::{refresh_margin, Slot, FAILURE_HOLD, INVALIDATE_HOLD};
 use super::*;
 use crate::sim::{SimConfig, Simulator};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -143,6 +143,13 @@ async fn invalidate_drops_only_the_refused_token_once() {
         t2
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // An upstream that refuses every token gets a new one at most once a second.
+    assert!(
+        !slot.invalidate(&t2),
+        "within INVALIDATE_HOLD of the last drop"
+    );
+    tokio::time::advance(INVALIDATE_HOLD).await;
+    assert!(slot.invalidate(&t2));
 }
 
 #[tokio::test(start_paused = true)]
@@ -183,6 +190,23 @@ async fn with_sim(extra: &str) -> (Simulator, Credentials, Arc<AtomicUsize>) {
     let sim = Simulator::start("127.0.0.1:0".parse().unwrap(), SimConfig::default())
         .await
         .unwrap();
+    let config = config_of(&sim, extra);
+    let upstreams = config
+        .upstreams
+        .iter()
+        .map(|u| Arc::new(Upstream::new(u, 1).unwrap()))
+        .collect();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let creds = Credentials::new(&config, upstreams).with_send_hook(Arc::new(move |_, c, _, _| {
+        assert_eq!(c, "ivr-client");
+        counter.fetch_add(1, Ordering::SeqCst);
+    }));
+    (sim, creds, sent)
+}
+
+/// Login and API at the simulator, credential `ivr` for `ivr-client` plus `extra` keys.
+fn config_of(sim: &Simulator, extra: &str) -> Config {
     let text = format!(
         r#"
 [[upstream]]
@@ -203,22 +227,10 @@ client_secret = "${{IVR_SECRET}}"
 "#,
         url = sim.url()
     );
-    let config = Config::parse_with_env(&text, &|name| {
+    Config::parse_with_env(&text, &|name| {
         (name == "IVR_SECRET").then(|| "ivr-secret".to_string())
     })
-    .unwrap();
-    let upstreams = config
-        .upstreams
-        .iter()
-        .map(|u| Arc::new(Upstream::new(u, 1).unwrap()))
-        .collect();
-    let sent = Arc::new(AtomicUsize::new(0));
-    let counter = sent.clone();
-    let creds = Credentials::new(&config, upstreams).with_send_hook(Arc::new(move |_, c, _, _| {
-        assert_eq!(c, "ivr-client");
-        counter.fetch_add(1, Ordering::SeqCst);
-    }));
-    (sim, creds, sent)
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,16 +267,29 @@ async fn fifty_callers_one_exchange_against_the_simulator() {
         Err(CredentialError::UnknownUpstream("nope".into()))
     );
     assert!(!format!("{creds:?}").contains("ivr-secret"));
+
+    // A reload with the same settings keeps the token; changed settings fetch anew.
+    let same = Credentials::new(&config_of(&sim, ""), creds.upstreams.clone()).carry_over(&creds);
+    assert_eq!(same.token("ivr").await.unwrap(), tokens[0]);
+    let changed = Credentials::new(
+        &config_of(&sim, "refresh_before = \"2m\""),
+        creds.upstreams.clone(),
+    )
+    .carry_over(&creds);
+    assert!(changed.token("ivr").await.is_ok());
+    assert_eq!(
+        sim.stats().clients["ivr-client"].requests,
+        3,
+        "one new exchange"
+    );
     sim.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_token_is_fetched_again_once_and_the_call_retried() {
     let (sim, creds, _) = with_sim("").await;
-    let stale = creds.token("ivr").await.unwrap();
-    // Put a token the upstream does not know in its place, as if it had been revoked.
+    // A token the upstream does not know is cached, as if it had been revoked.
     let slot = creds.entries["ivr"].slot.clone();
-    assert!(slot.invalidate(&stale));
     let revoked = token("revoked");
     slot.get(None, || async {
         Ok((revoked.clone(), Some(Duration::from_secs(3600))))
@@ -277,9 +302,9 @@ async fn a_refused_token_is_fetched_again_once_and_the_call_retried() {
         .unwrap();
     assert_eq!(me["OAuthClient"]["id"], "ivr-client");
     let stats = sim.stats();
-    // One 401 (the revoked token, counted as unknown), two token exchanges, one 200.
+    // One 401 (the revoked token, counted as unknown), one token exchange, one 200.
     assert_eq!(stats.clients["unknown"].unauthorized, 1, "{stats:?}");
-    assert_eq!(stats.clients["ivr-client"].requests, 3, "{stats:?}");
+    assert_eq!(stats.clients["ivr-client"].requests, 2, "{stats:?}");
     assert_ne!(creds.token("ivr").await.unwrap(), revoked);
     sim.shutdown().await;
 }

@@ -5,6 +5,7 @@
 //! and no lock; [`crate::queue`] adds waiting, time and sharing.
 
 pub mod discovered;
+pub mod jobs;
 pub mod window;
 
 use crate::config::{LimitConfig, Priority, QueueConfig, Scope};
@@ -46,6 +47,10 @@ pub struct LimitSpec {
     /// The published ceiling discovery found (`[discover]`); shared by every copy of this
     /// spec, set at runtime. Present on rate limits only.
     pub discovered: Option<Arc<Discovered>>,
+    /// Async jobs running at once per key (`jobs`), kept by [`jobs::JobBook`], not here.
+    pub jobs: Option<u64>,
+    /// How long a job slot lasts when its job is never seen finishing (`job_ttl`).
+    pub job_ttl: Nanos,
 }
 
 impl LimitSpec {
@@ -125,6 +130,8 @@ impl LimitSet {
                     concurrency_open: l.concurrency.map(|n| ceilings(n, queue, false)),
                     shadow: l.shadow,
                     discovered: requests.map(|n| Arc::new(Discovered::new(n))),
+                    jobs: l.jobs,
+                    job_ttl: l.effective_job_ttl().as_nanos().min(Nanos::MAX as u128) as Nanos,
                 }
             })
             .collect();
@@ -381,6 +388,10 @@ impl Ledger {
         let mut blocked: Option<Blocked> = None;
         for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
+            if spec.ceilings.is_none() && spec.concurrency.is_none() {
+                // A job limit: its slots are the job book's (see [`jobs`]).
+                continue;
+            }
             let reserved = demand.holds_reserve(i);
             let counter = self.counters.entry(layer.clone()).or_default();
             if spec.shadow {

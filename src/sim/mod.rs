@@ -7,6 +7,7 @@
 
 mod config;
 mod count;
+mod jobs;
 mod limits;
 mod server;
 mod state;

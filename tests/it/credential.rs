@@ -3,7 +3,7 @@
 //! the caller's.
 
 use crate::support::{
-    full, slot, start_pacer_with_env, within, GenBody, Load, TestClient, TestUpstream,
+    full, metric_sum, slot, start_pacer_with_env, within, GenBody, Load, TestClient, TestUpstream,
 };
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -130,6 +130,12 @@ async fn fifty_first_callers_cost_one_token_exchange_and_never_send_their_own_to
             let text = admin.get(path, &[]).await.text();
             assert!(!text.contains(token) && !text.contains(SECRET), "{path}");
         }
+        let metrics = admin.get("/metrics", &[]).await.text();
+        let exchanges = |result| {
+            let want = [("credential", "ivr"), ("result", result)];
+            metric_sum(&metrics, "pacer_credential_exchanges_total", &want)
+        };
+        assert_eq!((exchanges("ok"), exchanges("error")), (1.0, 0.0));
         sim.shutdown().await;
     })
     .await;
@@ -151,6 +157,13 @@ async fn a_login_that_refuses_the_secret_is_a_502_not_a_hang() {
             Some("credential_unavailable")
         );
         assert_eq!(rec.count(), 0);
+        let admin = TestClient::http1(pacer.admin_addr.unwrap());
+        let metrics = admin.get("/metrics", &[]).await.text();
+        let want = [("credential", "ivr"), ("result", "error")];
+        assert_eq!(
+            metric_sum(&metrics, "pacer_credential_exchanges_total", &want),
+            1.0
+        );
         sim.shutdown().await;
     })
     .await;
