@@ -196,6 +196,11 @@ pub async fn start_with_workers(
             }
         }
     }));
+    // The org's published limits (`[discover]`), read at start and every interval.
+    tasks.push(tokio::spawn(crate::discover::run(
+        current.clone(),
+        stop.subscribe(),
+    )));
     tracing::info!(%proxy_addr, ?admin_addr, "pacer listening");
     Ok(Running {
         proxy_addr,

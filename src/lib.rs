@@ -20,6 +20,7 @@ pub mod config;
 pub mod credential;
 mod deadline;
 pub mod demo;
+pub mod discover;
 mod edge;
 mod egress;
 pub mod endpoint;

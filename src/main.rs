@@ -42,6 +42,11 @@ enum Command {
     },
     /// Validate a configuration file and list every error with its key path.
     CheckConfig {
+        /// Also read the org's published limits once (`[discover]`) and print each
+        /// limit's effective value and where it came from; a failed read is printed, and
+        /// the exit code still only says whether the configuration is valid.
+        #[arg(long)]
+        discover: bool,
         /// Configuration file (TOML).
         file: PathBuf,
     },
@@ -97,7 +102,7 @@ fn main() -> ExitCode {
         })
     };
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file, discover } => match Config::load(&file) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} upstreams, {} routes, {} limits)",
@@ -108,6 +113,13 @@ fn main() -> ExitCode {
                 );
                 for w in c.warnings() {
                     println!("  warning: {w}");
+                }
+                if discover {
+                    let runtime = match runtime(true) {
+                        Ok(r) => r,
+                        Err(code) => return code,
+                    };
+                    print!("{}", runtime.block_on(pacer::discover::check(&c)));
                 }
                 ExitCode::SUCCESS
             }

@@ -259,6 +259,13 @@ impl Metrics {
             .increment(1);
     }
 
+    /// `pacer_discovery_errors_total`: a namespace of the org's published limits could
+    /// not be read (`[discover]`).
+    pub fn discovery_error(&self) {
+        self.counter("pacer_discovery_errors_total", &[])
+            .increment(1);
+    }
+
     /// `pacer_queue_wait_seconds`.
     pub fn queue_wait(&self, upstream: &str, priority: &str, app: &str, seconds: f64) {
         let register = || {
@@ -408,6 +415,11 @@ fn describe(recorder: &PrometheusRecorder) {
         name("pacer_access_log_dropped_total"),
         None,
         text("Access log lines dropped because the writer was behind."),
+    );
+    recorder.describe_counter(
+        name("pacer_discovery_errors_total"),
+        None,
+        text("Reads of a namespace of the org's published limits that failed ([discover]); pacer kept the limits in force."),
     );
     recorder.describe_histogram(
         name("pacer_queue_wait_seconds"),

@@ -11,6 +11,7 @@ use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
 use crate::config::{Cidr, Config, StateBackend};
 use crate::credential::{CredentialForward, Credentials};
+use crate::discover::Discovery;
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
 use crate::guard::Guard;
@@ -61,6 +62,8 @@ pub struct Proxy {
     /// The organization's usage (`[usage]`) and pacer's own sends per configured client;
     /// kept across reloads.
     pub usage: Arc<Usage>,
+    /// The org's published limits as last read (`[discover]`).
+    pub discovery: Arc<Discovery>,
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
@@ -83,6 +86,7 @@ struct Parts {
     broker: Option<Arc<TokenBroker>>,
     credentials: Arc<Credentials>,
     usage: Arc<Usage>,
+    discovery: Arc<Discovery>,
     resolver: Arc<UpstreamResolver>,
     log_sink: Option<LogSink>,
 }
@@ -126,6 +130,12 @@ impl Proxy {
                 &old.usage,
             ),
             usage: old.usage.clone(),
+            // Published values stay in force unless `[discover]` itself changed.
+            discovery: if old.config.discover == config.discover {
+                old.discovery.clone()
+            } else {
+                Arc::new(Discovery::new(&config, old.admission.limits()))
+            },
             resolver: old.resolver.clone(),
             log_sink: old.log_sink.clone(),
             config,
@@ -171,6 +181,7 @@ impl Proxy {
         let limits = Arc::new(
             LimitSet::new(&config.limits, &config.queue, index).shadowed(config.server.shadow),
         );
+        let discovery = Arc::new(Discovery::new(&config, &limits));
         let clock = Clock::default();
         let backend: Arc<dyn Backend> = match config.state.backend {
             StateBackend::Local => Arc::new(LocalBackend::new(limits.clone(), clock)),
@@ -234,6 +245,7 @@ impl Proxy {
             broker,
             credentials,
             usage,
+            discovery,
             resolver,
             log_sink,
         })
@@ -304,6 +316,7 @@ impl Proxy {
             broker: p.broker,
             credentials: p.credentials,
             usage: p.usage,
+            discovery: p.discovery,
             resolver: p.resolver,
             log_sink: p.log_sink,
             sensitive_headers,

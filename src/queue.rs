@@ -572,7 +572,7 @@ fn shed_reason(b: &Blocked, otherwise: ShedReason) -> ShedReason {
 fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
     let spec = set.specs.get(b.layer()?.limit)?;
     let quota = spec
-        .requests
+        .requests_now()
         .or(spec.concurrency.map(|c| c[0]))
         .or(spec.jobs)
         .unwrap_or(0);

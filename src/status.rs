@@ -34,7 +34,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
                 "limit": &*spec.name,
                 "key": layer.part.label(),
                 "used": used,
-                "quota": spec.requests,
+                "quota": spec.requests_now(),
                 "inflight": inflight,
                 "concurrency": spec.concurrency.map(|c| c[0]),
                 "client": client,
@@ -115,6 +115,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
                 "client_share": r.client_share,
             }))
             .collect::<Vec<_>>(),
+        "discovery": proxy.discovery.report(&proxy.config),
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
         "usage": proxy.usage.status(|id| client_label(proxy, id)),
@@ -220,7 +221,7 @@ pub fn render_metrics(proxy: &Proxy) -> String {
     for (layer, used, inflight) in proxy.admission.usage() {
         let spec = &set.specs[layer.limit];
         let mut ratio: f64 = 0.0;
-        if let Some(q) = spec.requests {
+        if let Some(q) = spec.requests_now() {
             ratio = ratio.max(used as f64 / q.max(1) as f64);
         }
         if let Some(c) = spec.concurrency {
@@ -308,6 +309,19 @@ pub fn render_metrics(proxy: &Proxy) -> String {
                     })
                     .collect()
             },
+        },
+        Gauge {
+            name: "pacer_limit_discovered",
+            help: "The org's published size of a limit in force ([discover]), requests per window; only for limits with one.",
+            samples: proxy
+                .discovery
+                .report(&proxy.config)
+                .into_iter()
+                .filter_map(|r| {
+                    let labels = vec![("limit", r.limit), ("upstream", r.upstream.unwrap_or_default())];
+                    Some((labels, r.published? as f64))
+                })
+                .collect(),
         },
         Gauge {
             name: "pacer_state_backend_up",

@@ -17,6 +17,7 @@ const SECTIONS: &[&str] = &[
     "credential",
     "app",
     "usage",
+    "discover",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -62,6 +63,7 @@ impl Config {
                 "app" => config.apps = array(value, "app", &mut errors),
                 "limit" => config.limits = array(value, "limit", &mut errors),
                 "credential" => config.credentials = array(value, "credential", &mut errors),
+                "discover" => config.discover = typed(value, "discover", &mut errors),
                 other => errors.push(ConfigError {
                     path: other.to_string(),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),

@@ -4,6 +4,7 @@
 //! of them at once, so one `pacer check-config` run shows everything to fix.
 
 mod apps;
+mod discover;
 mod egress;
 mod env;
 mod load;
@@ -13,6 +14,7 @@ mod usage;
 mod validate;
 
 pub use apps::{app_name_ok, AppConfig, MAX_APP_NAME};
+pub use discover::{DiscoverConfig, DiscoverKey, MIN_DISCOVER_INTERVAL};
 pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
@@ -90,6 +92,8 @@ pub struct Config {
     pub credentials: Vec<CredentialConfig>,
     /// The organization's API use per OAuth client, polled (`[usage]`).
     pub usage: UsageConfig,
+    /// Reading the org's published limits (`[discover]`); off when absent.
+    pub discover: Option<DiscoverConfig>,
 }
 
 /// `[log]`: the access log, one line per request on stdout.
@@ -533,6 +537,9 @@ pub struct LimitConfig {
     /// Decide and count, but never queue or shed (see [`crate::shadow`]).
     #[serde(default)]
     pub shadow: bool,
+    /// Where the org's published value of this limit is (used with `[discover]`).
+    #[serde(default)]
+    pub discover: Option<DiscoverKey>,
 }
 
 /// How long a job slot is held when pacer never sees its job finish (`job_ttl`).

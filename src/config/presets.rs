@@ -3,7 +3,7 @@
 //! Numbers come from Genesys' published limits and the field notes in `shared/seeds/`.
 //! A `[[limit]]` with the same name (for that upstream or for all) replaces the preset's.
 
-use super::{Dur, LimitConfig, Scope, UpstreamConfig};
+use super::{DiscoverKey, Dur, LimitConfig, Scope, UpstreamConfig};
 use serde::Deserialize;
 
 /// A known API whose limits pacer ships.
@@ -22,17 +22,21 @@ struct Spec {
     scope: Scope,
     requests: Option<(u64, u64)>,
     concurrency: Option<u64>,
+    /// The (namespace, key) under which Genesys publishes the org's value of this limit.
+    discover: Option<(&'static str, &'static str)>,
     jobs: Option<u64>,
 }
 
 const GENESYS: &[Spec] = &[
-    // org.app.user.rate.per.minute / per-token limit for client credentials.
+    // Per-token limit for client credentials (`client.credentials.token.rate.per.minute`;
+    // a user's token under one OAuth client has `org.app.user.rate.per.minute`, also 300).
     Spec {
         name: "per-client",
         matches: None,
         scope: Scope::Client,
         requests: Some((300, 60)),
         concurrency: None,
+        discover: Some(("platform.api", "client.credentials.token.rate.per.minute")),
         jobs: None,
     },
     // Client-credentials requests of the whole org.
@@ -42,6 +46,7 @@ const GENESYS: &[Spec] = &[
         scope: Scope::Global,
         requests: Some((3000, 60)),
         concurrency: None,
+        discover: None,
         jobs: None,
     },
     // Resource limit documented for IVR updates.
@@ -51,6 +56,7 @@ const GENESYS: &[Spec] = &[
         scope: Scope::Client,
         requests: Some((100, 60)),
         concurrency: None,
+        discover: None,
         jobs: None,
     },
     // 50 concurrent Data Action executions per org.
@@ -60,6 +66,7 @@ const GENESYS: &[Spec] = &[
         scope: Scope::Global,
         requests: None,
         concurrency: Some(50),
+        discover: None,
         jobs: None,
     },
     // Analytics queries: 5-10 concurrent per org; keep two spare for wallboards.
@@ -69,6 +76,7 @@ const GENESYS: &[Spec] = &[
         scope: Scope::Global,
         requests: None,
         concurrency: Some(8),
+        discover: None,
         jobs: None,
     },
     // Analytics conversation- and user-details jobs hold one of the org's few concurrent
@@ -82,17 +90,20 @@ const GENESYS: &[Spec] = &[
         requests: None,
         concurrency: None,
         jobs: Some(5),
+        discover: None,
     },
 ];
 
 const GENESYS_LOGIN: &[Spec] = &[
-    // client.credentials.token.rate.per.minute
+    // Token issuance per OAuth client. Genesys names no published key for it
+    // (`client.credentials.token.rate.per.minute` is the per-token request rate above).
     Spec {
         name: "token-issuance",
         matches: Some("POST /oauth/token"),
         scope: Scope::Client,
         requests: Some((300, 60)),
         concurrency: None,
+        discover: None,
         jobs: None,
     },
 ];
@@ -134,6 +145,10 @@ pub(super) fn with_preset_limits(
                 headroom: 0.0,
                 guard: None,
                 shadow: false,
+                discover: spec.discover.map(|(namespace, key)| DiscoverKey {
+                    namespace: namespace.to_string(),
+                    key: key.to_string(),
+                }),
             });
         }
     }

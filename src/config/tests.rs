@@ -162,6 +162,7 @@ fn guard_and_headroom_shape_the_window() {
         headroom: 0.1,
         guard: None,
         shadow: false,
+        discover: None,
     };
     assert_eq!(l.effective_requests(), Some(270));
     assert_eq!(l.effective_window(), Some(Duration::from_millis(60_600)));

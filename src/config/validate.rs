@@ -153,6 +153,7 @@ impl Config {
         }
         self.validate_credentials(&names, &mut err);
         self.validate_usage(&mut err);
+        self.validate_discover(&mut err);
         let mut client_ids = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if c.id.is_empty() {

@@ -4,12 +4,14 @@
 //! layer that matches (all-or-nothing) or says how long until it could. It holds no clock
 //! and no lock; [`crate::queue`] adds waiting, time and sharing.
 
+pub mod discovered;
 pub mod jobs;
 pub mod window;
 
 use crate::config::{LimitConfig, Priority, QueueConfig, Scope};
 use crate::endpoint::{Classifier, Endpoint, Template};
 use crate::shadow::{Subject, WouldBlock};
+use discovered::Discovered;
 use http::Method;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +44,9 @@ pub struct LimitSpec {
     pub concurrency_open: Option<[u64; 3]>,
     /// Decides and counts, never holds a request back (see [`crate::shadow`]).
     pub shadow: bool,
+    /// The published ceiling discovery found (`[discover]`); shared by every copy of this
+    /// spec, set at runtime. Present on rate limits only.
+    pub discovered: Option<Arc<Discovered>>,
     /// Async jobs running at once per key (`jobs`), kept by [`jobs::JobBook`], not here.
     pub jobs: Option<u64>,
     /// How long a job slot lasts when its job is never seen finishing (`job_ttl`).
@@ -124,6 +129,7 @@ impl LimitSet {
                     concurrency: l.concurrency.map(|n| ceilings(n, queue, true)),
                     concurrency_open: l.concurrency.map(|n| ceilings(n, queue, false)),
                     shadow: l.shadow,
+                    discovered: requests.map(|n| Arc::new(Discovered::new(n))),
                     jobs: l.jobs,
                     job_ttl: l.effective_job_ttl().as_nanos().min(Nanos::MAX as u128) as Nanos,
                 }
@@ -399,9 +405,8 @@ impl Ledger {
                 continue;
             }
             let ahead = queued_ahead(layer);
-            if let Some(ceil) = spec.rate_ceiling(class, reserved) {
+            if let Some(ceil) = spec.ceiling_now(class, reserved, demand.scale_of(i)) {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil, demand.scale_of(i));
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, ahead);
                 if wait > 0 {
                     let worse = match &blocked {
@@ -479,9 +484,8 @@ impl Ledger {
                     continue;
                 }
             }
-            if let Some(ceil) = spec.rate_ceiling(class, reserved) {
+            if let Some(ceil) = spec.ceiling_now(class, reserved, demand.scale_of(i)) {
                 counter.log.evict(now, spec.window);
-                let ceil = scaled(ceil, demand.scale_of(i));
                 let wait = predicted_wait(&counter.log, now, spec.window, ceil, 0);
                 if wait > 0 {
                     out.push(WouldBlock {
@@ -631,9 +635,7 @@ impl Ledger {
             if spec.shadow {
                 continue;
             }
-            let Some(quota) = spec
-                .rate_ceiling(class, demand.holds_reserve(i))
-                .map(|c| scaled(c, demand.scale_of(i)))
+            let Some(quota) = spec.ceiling_now(class, demand.holds_reserve(i), demand.scale_of(i))
             else {
                 continue;
             };

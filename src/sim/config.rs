@@ -29,11 +29,13 @@ pub struct SimConfig {
     pub token_ttl: Duration,
     /// Organization id reported by `/api/v2/tokens/me`.
     pub org_id: String,
-    /// Requests per OAuth client per window (`org.app.user.rate.per.minute`).
+    /// Requests per OAuth client per window; published as
+    /// `platform.api` `client.credentials.token.rate.per.minute` and
+    /// `org.app.user.rate.per.minute`.
     pub client_requests: u64,
     /// Requests of the whole org per window.
     pub org_requests: u64,
-    /// Token issuances per client per window (`client.credentials.token.rate.per.minute`).
+    /// Token issuances per client per window.
     pub token_requests: u64,
     /// In-flight `/api/v2` requests per client; 0 = unlimited.
     pub client_concurrency: u64,
@@ -46,6 +48,9 @@ pub struct SimConfig {
     /// Send `inin-ratelimit-count`/`-allowed`/`-reset` on `/api/v2` answers, as Genesys
     /// does; off for an upstream that says nothing about its budget.
     pub rate_headers: bool,
+    /// Serve the org's published limits (`/api/v2/organizations/limits/namespaces/…`);
+    /// off: they answer 503, as when the limits service fails.
+    pub publish_limits: bool,
     /// Known OAuth clients.
     #[serde(rename = "client")]
     pub clients: Vec<SimClient>,
@@ -116,6 +121,7 @@ impl Default for SimConfig {
             job_concurrency: 5,
             job_duration: Duration::from_secs(30),
             rate_headers: true,
+            publish_limits: true,
             clients: default_clients(),
             endpoints: default_endpoints(),
         }

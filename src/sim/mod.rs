@@ -8,6 +8,7 @@
 mod config;
 mod count;
 mod jobs;
+mod limits;
 mod server;
 mod state;
 mod stats;

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::config::SimConfig;
 use super::jobs::Jobs;
+use super::limits;
 use super::state::{Core, RateHeaders, Ticket};
 use super::stats::SimStats;
 use super::usage::{self, Executions};
@@ -431,6 +432,9 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
                     },
                 },
             )
+        }
+        (Some(_), _, None) if path.starts_with(limits::PREFIX) && parts.method == Method::GET => {
+            limits::answer(&shared.config, path)
         }
         (Some(id), _, None) => shared
             .jobs(id, &parts.method, path)

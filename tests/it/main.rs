@@ -13,6 +13,7 @@ mod cli;
 mod config_watch;
 mod credential;
 mod deps;
+mod discover;
 mod egress;
 mod fuzz_replay;
 mod h2_abuse;

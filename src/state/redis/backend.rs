@@ -10,7 +10,7 @@ use super::scripts::{AdmitKey, AdmitReply, Admitted, KeyKind, Refused, Scripts};
 use super::shared::Shared;
 use crate::config::StateConfig;
 use crate::limit::window::Nanos;
-use crate::limit::{scaled, BlockKind, Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
+use crate::limit::{BlockKind, Blocked, Demand, Headroom, LayerKey, LimitSet, Taken};
 use crate::state::{Backend, BackendStatus, Clock, Grant, SharedAdaptive};
 use futures_util::future::BoxFuture;
 use std::collections::HashMap;
@@ -142,13 +142,10 @@ impl RedisBackend {
                 let reserved = index.is_none_or(|i| demand.holds_reserve(i));
                 let (kind, ceiling, span_us, quota) = match (
                     cap,
-                    spec.rate_ceiling(class, reserved),
+                    spec.ceiling_now(class, reserved, scale),
                     spec.concurrency_cap(class, reserved),
                 ) {
-                    (false, Some(c), _) => {
-                        let ceil = scaled(c, scale);
-                        (KeyKind::Rate, ceil, spec.window / 1000, ceil)
-                    }
+                    (false, Some(ceil), _) => (KeyKind::Rate, ceil, spec.window / 1000, ceil),
                     (true, _, Some(c)) => (
                         KeyKind::Concurrency,
                         c,
@@ -201,8 +198,8 @@ impl RedisBackend {
             Some(Headroom {
                 limit: layer.limit,
                 quota: self.set.specs[layer.limit]
-                    .rate_ceiling(demand.priority.index(), reserved)
-                    .map_or(0, |c| scaled(c, scale)),
+                    .ceiling_now(demand.priority.index(), reserved, scale)
+                    .unwrap_or(0),
                 remaining: t.remaining,
                 reset: t.reset,
             })
