@@ -10,6 +10,7 @@ use crate::access_log::{self, AccessLog, Record};
 use crate::admit::{Admit, Admitted};
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, Brokered};
+use crate::cache::{CachePhase, Served};
 use crate::buffer::BufferBody;
 use crate::error::{ErrorKind, ProxyError};
 use crate::feedback::Learn;
@@ -32,6 +33,7 @@ pub struct Pipeline {
     pub(crate) buffer: BufferBody,
     pub(crate) identify: Identify,
     pub(crate) broker: Broker,
+    pub(crate) cache: CachePhase,
     pub(crate) admit: Admit,
     pub(crate) forward: Forward,
     pub(crate) learn: Learn,
@@ -155,12 +157,19 @@ impl Pipeline {
             Brokered::Answered(resp) => return Ok((resp, Outcome::Cached)),
             Brokered::Pass(req, flight) => (req, flight),
         };
+        // Response cache: a fresh kept answer, or that of an identical request already
+        // admitted and upstream; either takes no quota.
+        let (req, pending) = match self.cache.serve(req, labels).await {
+            Served::Answered(resp) => return Ok((resp, Outcome::Cached)),
+            Served::Pass(req, pending) => (req, pending),
+        };
         // Classify the endpoint, then reserve room in every matching limit: now, after a
         // wait in the queue, or shed with Retry-After.
         let req: Admitted = self.admit.admit(req, labels).await?;
-        // Send upstream; the answer streams back.
+        // Send upstream (a cacheable request as the leader of its flight); the answer
+        // streams back.
         let sending = Instant::now();
-        let (answer, sent) = self.forward.send(req).await;
+        let (answer, sent) = self.cache.send(&self.forward, req, pending).await?;
         labels.upstream_time = Some(sending.elapsed());
         // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
         let answer = self

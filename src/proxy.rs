@@ -9,6 +9,7 @@ use crate::admit::Admit;
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
+use crate::cache::{CachePhase, ResponseCache};
 use crate::config::{Cidr, Config, StateBackend};
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
@@ -51,6 +52,8 @@ pub struct Proxy {
     pub adaptive: Arc<Adaptive>,
     /// Issued client-credentials tokens handed out again (`[identity] token_cache`).
     pub broker: Option<Arc<TokenBroker>>,
+    /// Kept read-only answers and flights in the air (`[[cache]]`); none without entries.
+    pub cache: Option<Arc<ResponseCache>>,
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
@@ -205,6 +208,8 @@ impl Proxy {
             Some((i, p.upstreams.get(i)?.name.clone()))
         };
         let configured: Arc<[Option<u64>]> = config.limits.iter().map(|l| l.requests).collect();
+        // Kept answers start afresh with each configuration.
+        let cache = ResponseCache::from_config(config, p.metrics.clone());
         let pipeline = Pipeline {
             guard: Guard::new(Arc::new(server.clone()), draining.clone()),
             routes: RouteTable::new(&config.routes, names)?,
@@ -212,6 +217,7 @@ impl Proxy {
             buffer: BufferBody::new(server.buffer_body_bytes),
             identify: Identify::new(p.identity.clone(), trusted.clone()),
             broker: Broker::new(p.broker.clone()),
+            cache: CachePhase::new(cache.clone(), config.queue.max_wait.0),
             admit: Admit::new(
                 p.admission.clone(),
                 p.adaptive.clone(),
@@ -244,6 +250,7 @@ impl Proxy {
             metrics: p.metrics,
             adaptive: p.adaptive,
             broker: p.broker,
+            cache,
             resolver: p.resolver,
             log_sink: p.log_sink,
             sensitive_headers,

@@ -5,7 +5,7 @@ use super::*;
 
 const SECTIONS: &[&str] = &[
     "server", "upstream", "route", "identity", "client", "limit", "queue", "state", "adaptive",
-    "log",
+    "log", "cache", "cache_settings",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -44,6 +44,13 @@ impl Config {
                 "state" => section(value, "state", &mut errors, &mut config.state),
                 "adaptive" => section(value, "adaptive", &mut errors, &mut config.adaptive),
                 "log" => section(value, "log", &mut errors, &mut config.log),
+                "cache_settings" => section(
+                    value,
+                    "cache_settings",
+                    &mut errors,
+                    &mut config.cache_settings,
+                ),
+                "cache" => config.caches = array(value, "cache", &mut errors),
                 "upstream" => config.upstreams = array(value, "upstream", &mut errors),
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),

@@ -3,6 +3,7 @@
 //! Every mistake is reported with its key path (`upstream[1].url: relative URL "api"`), all
 //! of them at once, so one `pacer check-config` run shows everything to fix.
 
+mod cache;
 mod egress;
 mod env;
 mod load;
@@ -10,6 +11,7 @@ mod presets;
 mod types;
 mod validate;
 
+pub use cache::{CacheConfig, CacheSettings, CacheShare};
 pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
@@ -80,6 +82,10 @@ pub struct Config {
     pub state: StateConfig,
     pub adaptive: AdaptiveConfig,
     pub log: LogConfig,
+    /// `[[cache]]`: read-only answers kept and handed out again.
+    pub caches: Vec<CacheConfig>,
+    /// `[cache_settings]`: the response cache's memory.
+    pub cache_settings: CacheSettings,
 }
 
 /// `[log]`: the access log, one line per request on stdout.
