@@ -10,8 +10,8 @@ use crate::access_log::{self, AccessLog, Record};
 use crate::admit::{Admit, Admitted};
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, Brokered};
-use crate::cache::{CachePhase, Served};
 use crate::buffer::BufferBody;
+use crate::cache::{CachePhase, Sending, Served};
 use crate::error::{ErrorKind, ProxyError};
 use crate::feedback::Learn;
 use crate::forward::Forward;
@@ -169,7 +169,10 @@ impl Pipeline {
         // Send upstream (a cacheable request as the leader of its flight); the answer
         // streams back.
         let sending = Instant::now();
-        let (answer, sent) = self.cache.send(&self.forward, req, pending).await?;
+        let (answer, sent) = match self.cache.send(&self.forward, req, pending).await? {
+            Sending::Upstream(answer, sent) => (answer, sent),
+            Sending::Answered(resp) => return Ok((resp, Outcome::Cached)),
+        };
         labels.upstream_time = Some(sending.elapsed());
         // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
         let answer = self

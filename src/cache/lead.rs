@@ -27,11 +27,6 @@ enum Read {
 }
 
 impl ResponseCache {
-    /// Makes an admitted request the leader of its flight, unless one is in the air.
-    pub fn lead(&self, pending: Pending) -> Option<(Lead, Pending)> {
-        self.flights.lead(pending.key).map(|l| (l, pending))
-    }
-
     /// Sends a flight's leader upstream in a task of its own and waits for its answer;
     /// `None` only when that task ended without one (it panicked).
     pub async fn send_shared(
@@ -90,10 +85,11 @@ impl ResponseCache {
                 // Too large to keep: it streams through; the followers go on their own.
                 drop(lead);
                 let rest = BodyStream::new(rest);
-                let stream = futures_util::stream::once(async move {
-                    Ok::<_, BoxError>(Frame::data(prefix))
-                })
-                .chain(rest);
+                let stream =
+                    futures_util::stream::once(
+                        async move { Ok::<_, BoxError>(Frame::data(prefix)) },
+                    )
+                    .chain(rest);
                 return Ok(Response::from_parts(
                     parts,
                     StreamBody::new(stream).boxed_unsync(),
@@ -118,9 +114,10 @@ impl ResponseCache {
         });
         self.store.insert(lead.key, entry.clone());
         lead.land(entry);
-        parts
-            .headers
-            .insert(X_PACER_CACHE, HeaderValue::from_static(Lookup::Miss.as_str()));
+        parts.headers.insert(
+            X_PACER_CACHE,
+            HeaderValue::from_static(Lookup::Miss.as_str()),
+        );
         Ok(Response::from_parts(parts, full(body)))
     }
 }

@@ -24,10 +24,10 @@ pub use store::{Entry, Store};
 
 use crate::admit::{Admitted, Answering};
 use crate::answer::{full, ProxyBody};
-use crate::error::{ErrorKind, ProxyError};
-use crate::forward::Forward;
 use crate::config::{CacheConfig, CacheSettings, CacheShare, Config};
 use crate::endpoint::Template;
+use crate::error::{ErrorKind, ProxyError};
+use crate::forward::Forward;
 use crate::identity::Identified;
 use crate::metrics::{Gauge, Metrics, RequestLabels};
 use flight::Flights;
@@ -108,28 +108,57 @@ impl CachePhase {
     }
 
     /// Sends an admitted request upstream: as the leader of its flight when it may be
-    /// cached and none is in the air, else as any request is sent.
+    /// cached and none is in the air. When one is (an identical request was admitted
+    /// meanwhile), it waits for that one's answer instead, and goes upstream itself only if
+    /// there is none to share.
     pub async fn send(
         &self,
         forward: &Forward,
         req: Admitted,
         pending: Option<Pending>,
-    ) -> Result<(Result<Response<ProxyBody>, ProxyError>, Answering), ProxyError> {
-        let lead = self
-            .cache
-            .as_ref()
-            .zip(pending)
-            .and_then(|(cache, p)| Some((cache, cache.lead(p)?)));
-        match lead {
-            None => Ok(forward.send(req).await),
-            Some((cache, lead)) => cache.send_shared(forward, req, lead).await.ok_or_else(|| {
-                ProxyError::new(
-                    ErrorKind::UpstreamUnreachable,
-                    "the shared upstream call ended without an answer",
-                )
-            }),
+    ) -> Result<Sending, ProxyError> {
+        let (Some(cache), Some(pending)) = (&self.cache, pending) else {
+            let (answer, sent) = forward.send(req).await;
+            return Ok(Sending::Upstream(answer, sent));
+        };
+        let pending = match cache.flights.lead(pending.key) {
+            Some(lead) => {
+                cache.count(pending.rule, Lookup::Miss);
+                let (answer, sent) = cache
+                    .send_shared(forward, req, (lead, pending))
+                    .await
+                    .ok_or_else(|| {
+                        ProxyError::new(
+                            ErrorKind::UpstreamUnreachable,
+                            "the shared upstream call ended without an answer",
+                        )
+                    })?;
+                return Ok(Sending::Upstream(answer, sent));
+            }
+            None => pending,
+        };
+        let mut pending = pending;
+        let max_wait = req.route().route.max_wait.unwrap_or(self.max_wait);
+        if let Some((resp, how)) = cache.follow(&mut pending, max_wait).await {
+            cache.count(pending.rule, how);
+            // The admitted request's concurrency is given back here; its place in the
+            // rate window stays taken (pacer errs on the side of counting too much).
+            return Ok(Sending::Answered(resp));
         }
+        cache.count(pending.rule, Lookup::Miss);
+        let (answer, sent) = forward.send(req).await;
+        Ok(Sending::Upstream(answer, sent))
     }
+}
+
+/// How an admitted request was answered.
+// Moved once per request, never stored.
+#[allow(clippy::large_enum_variant)]
+pub enum Sending {
+    /// It went upstream: the answer (or failure) and what the request holds meanwhile.
+    Upstream(Result<Response<ProxyBody>, ProxyError>, Answering),
+    /// An identical request admitted just before it answered for it.
+    Answered(Response<ProxyBody>),
 }
 
 /// The kept answers, the flights in the air and the entries they are kept under.
@@ -149,6 +178,8 @@ pub struct Pending {
     key: Key,
     /// The request's headers, to remember the values of those the upstream's `Vary` names.
     headers: HeaderMap,
+    /// False once a flight it waited for failed: it then goes upstream on its own.
+    may_follow: bool,
 }
 
 /// What the cache phase made of a request.
@@ -220,29 +251,51 @@ impl ResponseCache {
         };
         let key = self.key(rule, &req);
         let headers = req.routed().req.headers();
-        if let Some(entry) = self.store.get(&key, Instant::now()) {
-            if vary_matches(&entry, headers) {
-                self.count(rule, Lookup::Hit);
-                labels.endpoint = Some(self.rules[rule].template.label().clone());
-                return Served::Answered(answer(&entry, Lookup::Hit));
+        let mut pending = Pending {
+            rule,
+            key,
+            headers: headers.clone(),
+            may_follow: true,
+        };
+        if let Some((resp, how)) = self.follow(&mut pending, max_wait).await {
+            self.count(rule, how);
+            labels.endpoint = Some(self.rules[rule].template.label().clone());
+            return Served::Answered(resp);
+        }
+        Served::Pass(req, Some(pending))
+    }
+
+    /// A fresh kept answer for `pending`, or else the answer of the identical request in
+    /// flight (waiting for it at most `max_wait`); `None` when there is neither, the
+    /// flight failed or its answer is not to be shared.
+    async fn follow(
+        &self,
+        pending: &mut Pending,
+        max_wait: Duration,
+    ) -> Option<(Response<ProxyBody>, Lookup)> {
+        if let Some(entry) = self.store.get(&pending.key, Instant::now()) {
+            if vary_matches(&entry, &pending.headers) {
+                return Some((answer(&entry, Lookup::Hit), Lookup::Hit));
             }
         }
-        if let Some(mut flight) = self.flights.join(&key) {
-            let landed = tokio::time::timeout(max_wait, flight.wait_for(Option::is_some)).await;
-            if let Ok(Ok(landing)) = landed {
-                let entry = landing.clone();
-                if let Some(entry) = entry.filter(|e| vary_matches(e, headers)) {
-                    self.count(rule, Lookup::Coalesced);
-                    labels.endpoint = Some(self.rules[rule].template.label().clone());
-                    return Served::Answered(answer(&entry, Lookup::Coalesced));
-                }
-            }
-            // The flight failed, was not to be shared, or took longer than this request
-            // may wait: it goes through admission on its own.
+        if !pending.may_follow {
+            return None;
         }
-        self.count(rule, Lookup::Miss);
-        let headers = headers.clone();
-        Served::Pass(req, Some(Pending { rule, key, headers }))
+        let mut flight = self.flights.join(&pending.key)?;
+        let landed = tokio::time::timeout(max_wait, flight.wait_for(Option::is_some)).await;
+        let entry = landed
+            .ok()
+            .and_then(|l| l.ok().and_then(|e| e.clone()))
+            .filter(|e| vary_matches(e, &pending.headers));
+        match entry {
+            Some(entry) => Some((answer(&entry, Lookup::Coalesced), Lookup::Coalesced)),
+            None => {
+                // The flight failed, was not to be shared, or took longer than this
+                // request may wait: it goes on on its own, never waiting for another.
+                pending.may_follow = false;
+                None
+            }
+        }
     }
 
     /// The key of a request under `rule` (see the module docs).

@@ -4,8 +4,18 @@
 use super::*;
 
 const SECTIONS: &[&str] = &[
-    "server", "upstream", "route", "identity", "client", "limit", "queue", "state", "adaptive",
-    "log", "cache", "cache_settings",
+    "server",
+    "upstream",
+    "route",
+    "identity",
+    "client",
+    "limit",
+    "queue",
+    "state",
+    "adaptive",
+    "log",
+    "cache",
+    "cache_settings",
 ];
 
 /// Environment variable that overrides `[log] format`.

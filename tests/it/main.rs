@@ -8,6 +8,7 @@ mod support;
 
 mod access_log;
 mod broker;
+mod cache;
 mod cli;
 mod config_watch;
 mod deps;
