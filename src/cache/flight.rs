@@ -59,7 +59,7 @@ impl Flights {
     }
 
     /// Flights in the air.
-    pub fn len(&self) -> usize {
+    pub fn entries(&self) -> usize {
         self.lock().len()
     }
 }

@@ -355,17 +355,17 @@ impl ResponseCache {
             })
             .collect();
         serde_json::json!({
-            "entries": self.store.len(),
+            "entries": self.store.entries(),
             "bytes": self.store.bytes(),
             "max_bytes": self.store.max_bytes(),
-            "in_flight": self.flights.len(),
+            "in_flight": self.flights.entries(),
             "by_entry": entries,
         })
     }
 
     /// `pacer_cache_entries` and `pacer_cache_bytes`, read now.
     pub fn gauges(cache: Option<&ResponseCache>) -> [Gauge; 2] {
-        let (entries, bytes) = cache.map_or((0, 0), |c| (c.store.len(), c.store.bytes()));
+        let (entries, bytes) = cache.map_or((0, 0), |c| (c.store.entries(), c.store.bytes()));
         [
             Gauge {
                 name: "pacer_cache_entries",

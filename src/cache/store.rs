@@ -111,7 +111,7 @@ impl Store {
     }
 
     /// Entries kept now (expired ones included until they are dropped).
-    pub fn len(&self) -> usize {
+    pub fn entries(&self) -> usize {
         self.lock().map.len()
     }
 
@@ -166,7 +166,11 @@ mod tests {
             .map(|e| e.weight())
             .sum();
         assert_eq!(counted, store.bytes());
-        assert!(store.len() > 100 && store.len() < 10_000, "{}", store.len());
+        assert!(
+            store.entries() > 100 && store.entries() < 10_000,
+            "{}",
+            store.entries()
+        );
         // The most recent ones are the ones kept.
         assert!(store.get(&key(99_999), Instant::now()).is_some());
         assert!(store.get(&key(0), Instant::now()).is_none());
@@ -184,14 +188,14 @@ mod tests {
         store.insert(key(3), entry(1000, Duration::from_secs(60)));
         assert!(store.get(&key(1), Instant::now()).is_none());
         assert!(store.get(&key(0), Instant::now()).is_some());
-        assert_eq!(store.len(), 3);
+        assert_eq!(store.entries(), 3);
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(store.get(&key(0), Instant::now()).is_none(), "expired");
-        assert_eq!(store.len(), 2);
+        assert_eq!(store.entries(), 2);
         assert_eq!(store.bytes(), one * 2);
         // Larger than the whole store: never kept, nothing evicted for it.
         assert!(!store.insert(key(9), entry(one as usize * 4, Duration::from_secs(60))));
-        assert_eq!(store.len(), 2);
+        assert_eq!(store.entries(), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -200,6 +204,6 @@ mod tests {
         store.insert(key(1), entry(500, Duration::from_secs(60)));
         let once = store.bytes();
         store.insert(key(1), entry(500, Duration::from_secs(60)));
-        assert_eq!((store.len(), store.bytes()), (1, once));
+        assert_eq!((store.entries(), store.bytes()), (1, once));
     }
 }

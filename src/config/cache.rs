@@ -226,4 +226,17 @@ share = "everyone"
         assert!(preset.caches.is_empty());
         assert!(!preset.limits.is_empty());
     }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("## Response cache and coalescing")
+            .expect("section")..];
+        let start = section.find("```toml\n").expect("example") + "```toml\n".len();
+        let example = &section[start..start + section[start..].find("```").expect("end")];
+        let c = Config::parse(&format!("{MINIMAL}\n{example}")).expect("README example");
+        assert_eq!(c.caches.len(), 2);
+        assert_eq!(c.caches[0].share, CacheShare::Client);
+    }
 }

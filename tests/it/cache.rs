@@ -28,6 +28,13 @@ async fn get(client: &TestClient, path: &str, token: &str, extra: &[(&str, &str)
     client.get(path, &headers).await
 }
 
+/// A path, the control headers shaping the upstream's answer, and the status expected.
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    StatusCode,
+);
+
 fn cache_header(r: &Reply) -> Option<&str> {
     r.header("x-pacer-cache")
 }
@@ -198,7 +205,7 @@ async fn no_store_errors_set_cookie_and_oversize_answers_are_never_kept() {
     let pacer = start_pacer(&toml).await;
     let client = TestClient::http1(pacer.proxy_addr);
     within("uncacheable", async {
-        let cases: [(&str, &[(&str, &str)], StatusCode); 5] = [
+        let cases: [Case; 5] = [
             (
                 "/api/v2/routing/queues/nostore/estimatedwaittime",
                 &[("x-reply-header", "cache-control: max-age=60, no-store")],
