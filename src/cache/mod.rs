@@ -121,7 +121,7 @@ impl CachePhase {
             let (answer, sent) = forward.send(req).await;
             return Ok(Sending::Upstream(answer, sent));
         };
-        let pending = match cache.flights.lead(pending.key) {
+        let mut pending = match cache.flights.lead(pending.key) {
             Some(lead) => {
                 cache.count(pending.rule, Lookup::Miss);
                 let (answer, sent) = cache
@@ -137,7 +137,6 @@ impl CachePhase {
             }
             None => pending,
         };
-        let mut pending = pending;
         let max_wait = req.route().route.max_wait.unwrap_or(self.max_wait);
         if let Some((resp, how)) = cache.follow(&mut pending, max_wait).await {
             cache.count(pending.rule, how);
