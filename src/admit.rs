@@ -28,6 +28,7 @@
 
 use crate::adaptive::{Adaptive, Generation};
 use crate::answer::{BoxError, ProxyBody};
+use crate::deadline::{self, CallerMaxWait};
 use crate::error::{ErrorKind, ProxyError};
 use crate::identity::{Caller, Identified};
 use crate::limit::LayerKey;
@@ -140,7 +141,8 @@ impl Admit {
     }
 
     /// Reserves room for the request in every limit it falls under, waiting in the queue
-    /// when it may; sheds it with `Retry-After` when it may not.
+    /// when it may (up to the route's `max_wait`, lowered by the caller's
+    /// `x-pacer-max-wait`); sheds it with `Retry-After` when it may not.
     pub async fn admit(
         &self,
         req: Identified,
@@ -168,7 +170,11 @@ impl Admit {
         demand.client_scale = scale.client;
         labels.endpoint = Some(demand.endpoint.label.clone());
         let layers = demand.layers.clone();
-        let max_wait = route.route.max_wait.unwrap_or(self.max_wait);
+        // The caller's own deadline (`x-pacer-max-wait`) lowers the route's, never raises it.
+        let max_wait = deadline::bound(
+            route.route.max_wait.unwrap_or(self.max_wait),
+            req.extensions().get::<CallerMaxWait>().copied(),
+        );
         let reservation = self
             .admission
             .admit(demand, Some(client_key.clone()), max_wait)

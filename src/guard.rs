@@ -1,7 +1,9 @@
-//! The first phase: refuse forward-proxy use and oversized requests, normalize the path.
+//! The first phase: refuse forward-proxy use and oversized requests, normalize the path,
+//! and take the caller's deadline (`x-pacer-max-wait`, see [`crate::deadline`]).
 
 use crate::answer::ProxyBody;
 use crate::config::ServerConfig;
+use crate::deadline;
 use crate::error::{ErrorKind, ProxyError};
 use crate::path;
 use crate::server::ConnInfo;
@@ -40,8 +42,18 @@ impl Guard {
     }
 
     /// Checks a request as it arrives from `conn`.
-    pub fn check(&self, req: Request<ProxyBody>, conn: ConnInfo) -> Result<Guarded, ProxyError> {
+    ///
+    /// A malformed `x-pacer-max-wait` is 400; a valid one moves from the headers to the
+    /// request's extensions as a [`deadline::CallerMaxWait`].
+    pub fn check(
+        &self,
+        mut req: Request<ProxyBody>,
+        conn: ConnInfo,
+    ) -> Result<Guarded, ProxyError> {
         let target = self.target(&req)?;
+        if let Some(wait) = deadline::take(req.headers_mut())? {
+            req.extensions_mut().insert(wait);
+        }
         let max = usize::try_from(self.server.max_body_bytes).unwrap_or(usize::MAX);
         let req = req.map(|body| Limited::new(body, max).boxed_unsync());
         Ok(Guarded { req, target, conn })

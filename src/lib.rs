@@ -18,6 +18,7 @@ pub mod broker;
 mod buffer;
 pub mod cache;
 pub mod config;
+mod deadline;
 pub mod demo;
 mod edge;
 mod egress;

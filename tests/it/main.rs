@@ -20,6 +20,7 @@ mod hostile;
 mod kubernetes;
 mod limits;
 mod live_page;
+mod max_wait;
 mod observability;
 mod proxy;
 mod redis;
