@@ -25,6 +25,7 @@ pub use store::{Entry, Store};
 use crate::admit::{Admitted, Answering};
 use crate::answer::{full, ProxyBody};
 use crate::config::{CacheConfig, CacheSettings, CacheShare, Config};
+use crate::deadline::{self, CallerMaxWait};
 use crate::endpoint::Template;
 use crate::error::{ErrorKind, ProxyError};
 use crate::forward::Forward;
@@ -101,7 +102,13 @@ impl CachePhase {
         match &self.cache {
             None => Served::Pass(req, None),
             Some(cache) => {
-                let max_wait = req.routed().route.route.max_wait.unwrap_or(self.max_wait);
+                // As long as it could wait for admission: the route's `max_wait`, lowered
+                // by the caller's own `x-pacer-max-wait`.
+                let routed = req.routed();
+                let max_wait = deadline::bound(
+                    routed.route.route.max_wait.unwrap_or(self.max_wait),
+                    routed.req.extensions().get::<CallerMaxWait>().copied(),
+                );
                 cache.serve(req, max_wait, labels).await
             }
         }
@@ -137,7 +144,7 @@ impl CachePhase {
             }
             None => pending,
         };
-        let max_wait = req.route().route.max_wait.unwrap_or(self.max_wait);
+        let max_wait = pending.max_wait;
         if let Some((resp, how)) = cache.follow(&mut pending, max_wait).await {
             cache.count(pending.rule, how);
             // The admitted request's concurrency is given back here; its place in the
@@ -179,6 +186,8 @@ pub struct Pending {
     headers: HeaderMap,
     /// False once a flight it waited for failed: it then goes upstream on its own.
     may_follow: bool,
+    /// Longest it waits for a flight.
+    max_wait: Duration,
 }
 
 /// What the cache phase made of a request.
@@ -255,6 +264,7 @@ impl ResponseCache {
             key,
             headers: headers.clone(),
             may_follow: true,
+            max_wait,
         };
         if let Some((resp, how)) = self.follow(&mut pending, max_wait).await {
             self.count(rule, how);

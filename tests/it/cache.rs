@@ -377,3 +377,47 @@ async fn an_ivr_flood_of_one_question_costs_one_call_per_ttl() {
         "{upstream_calls} calls for {ROUNDS} rounds of {CALLS_AT_ONCE}"
     );
 }
+
+#[tokio::test]
+async fn a_follower_waits_for_a_flight_no_longer_than_its_own_max_wait() {
+    let _slot = slot(Load::Timed).await;
+    let up = TestUpstream::start().await;
+    let toml = format!(
+        "{}\n{}",
+        one_route_config("", &up.url(), ""),
+        ewt_entry("1m", "")
+    );
+    let pacer = start_pacer(&toml).await;
+    let client = TestClient::http1(pacer.proxy_addr);
+    within("impatient follower", async {
+        let leader = get(&client, EWT, "tok-a", &[("x-reply-delay-ms", "1500")]);
+        let followers = async {
+            up.wait_for(1).await;
+            // One caller may wait 100 ms (x-pacer-max-wait): it does not sit out the
+            // leader's 1.5 s but goes upstream on its own; a patient one waits.
+            let impatient = get(
+                &client,
+                EWT,
+                "tok-a",
+                &[
+                    ("x-pacer-max-wait", "100ms"),
+                    ("x-reply-header", "x-own: yes"),
+                ],
+            );
+            let patient = get(&client, EWT, "tok-a", &[]);
+            futures_util::future::join(impatient, patient).await
+        };
+        let (lead, (impatient, patient)) = futures_util::future::join(leader, followers).await;
+        assert_eq!(cache_header(&lead), Some("miss"));
+        assert_eq!(patient.status, StatusCode::OK);
+        assert_eq!(cache_header(&patient), Some("coalesced"));
+        assert_eq!(impatient.status, StatusCode::OK);
+        assert_eq!(
+            impatient.header("x-own"),
+            Some("yes"),
+            "its own upstream answer"
+        );
+        assert_eq!(up.count(), 2);
+    })
+    .await;
+}
