@@ -60,6 +60,13 @@ pub enum ErrorKind {
     },
     /// Shutting down (503).
     Draining,
+    /// A credential route's token could not be fetched from its login upstream (502,
+    /// `x-pacer-reason: credential_unavailable`).
+    CredentialUnavailable,
+    /// The upstream refused a credential route's token (401) and the request could not be
+    /// replayed with a fresh one, or was refused again (502,
+    /// `x-pacer-reason: credential_rejected`).
+    CredentialRejected,
 }
 
 /// A request pacer answers itself.
@@ -98,7 +105,10 @@ impl ProxyError {
     pub fn is_upstream(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::UpstreamUnreachable | ErrorKind::UpstreamTimeout
+            ErrorKind::UpstreamUnreachable
+                | ErrorKind::UpstreamTimeout
+                | ErrorKind::CredentialUnavailable
+                | ErrorKind::CredentialRejected
         )
     }
 
@@ -132,6 +142,24 @@ impl ProxyError {
                 );
                 resp.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return resp;
+            }
+            CredentialUnavailable | CredentialRejected => {
+                let (reason, message) = if self.kind == CredentialUnavailable {
+                    (
+                        "credential_unavailable",
+                        "pacer could not obtain a token for this route's credential",
+                    )
+                } else {
+                    (
+                        "credential_rejected",
+                        "the upstream refused this route's credential",
+                    )
+                };
+                let mut resp =
+                    answer::error_response(StatusCode::BAD_GATEWAY, "bad.gateway", message);
+                resp.headers_mut()
+                    .insert("x-pacer-reason", HeaderValue::from_static(reason));
                 return resp;
             }
             NoRoute => (

@@ -4,6 +4,7 @@
 use crate::admit::{Admitted, Answering};
 use crate::answer::{BoxError, ProxyBody};
 use crate::config::{Cidr, UpstreamConfig};
+use crate::credential::CredentialForward;
 use crate::egress::Connector;
 use crate::error::{ErrorKind, ProxyError};
 use crate::identity::TokenResolver;
@@ -135,6 +136,11 @@ impl Upstream {
                     .unwrap_or(std::num::NonZeroU32::MIN),
             )),
         })
+    }
+
+    /// Time this upstream has to send a response head (`[[upstream]] timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Sends a prepared request to `path` (+ `query`) on this upstream and waits for the
@@ -356,6 +362,8 @@ pub struct Forward {
     upstreams: Vec<Arc<Upstream>>,
     trusted_proxies: Arc<[Cidr]>,
     metrics: Arc<Metrics>,
+    /// Credential routes' requests go with pacer's own token.
+    credentials: Option<CredentialForward>,
 }
 
 impl Forward {
@@ -370,7 +378,14 @@ impl Forward {
             upstreams,
             trusted_proxies,
             metrics,
+            credentials: None,
         }
+    }
+
+    /// Sends credential routes' requests with `credentials`' tokens.
+    pub fn with_credentials(mut self, credentials: CredentialForward) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Sends an admitted request upstream and waits for the response head; what the
@@ -394,7 +409,20 @@ impl Forward {
             &self.trusted_proxies,
         );
         let started = tokio::time::Instant::now();
-        let result = upstream.send(req, &route.path, query.as_deref()).await;
+        let result = match (&route.route.credential, &self.credentials) {
+            (None, _) => upstream.send(req, &route.path, query.as_deref()).await,
+            (Some(c), Some(credentials)) => {
+                let index = route.route.upstream;
+                credentials
+                    .send(upstream, index, c, req, &route.path, query.as_deref())
+                    .await
+            }
+            // Never the caller's own token instead: the route was built with a credential.
+            (Some(_), None) => Err(ProxyError::new(
+                ErrorKind::CredentialUnavailable,
+                "credential route without credentials",
+            )),
+        };
         self.metrics
             .upstream_duration(&upstream.name, started.elapsed().as_secs_f64());
         (result, answering)

@@ -18,6 +18,7 @@ pub mod broker;
 mod buffer;
 pub mod cache;
 pub mod config;
+pub mod credential;
 mod deadline;
 pub mod demo;
 mod edge;

@@ -226,6 +226,17 @@ impl Metrics {
         .increment(1);
     }
 
+    /// `pacer_credential_exchanges_total`: token exchanges pacer made for a configured
+    /// `[[credential]]` (a bounded set of names), by `result` (`ok` or `error`).
+    pub fn credential_exchange(&self, credential: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.counter(
+            "pacer_credential_exchanges_total",
+            &[("credential", credential), ("result", result)],
+        )
+        .increment(1);
+    }
+
     /// `pacer_access_log_dropped_total`: access log lines dropped because the writer was
     /// behind.
     pub fn access_log_dropped(&self) {
@@ -375,6 +386,11 @@ fn describe(recorder: &PrometheusRecorder) {
         name("pacer_cache_lookups_total"),
         None,
         text("Requests matching a [[cache]] entry, by entry template and result (hit, coalesced, miss)."),
+    );
+    recorder.describe_counter(
+        name("pacer_credential_exchanges_total"),
+        None,
+        text("Client-credentials token exchanges pacer made for a [[credential]], by result."),
     );
     recorder.describe_counter(
         name("pacer_access_log_dropped_total"),

@@ -11,6 +11,7 @@ use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
 use crate::cache::{CachePhase, ResponseCache};
 use crate::config::{Cidr, Config, StateBackend};
+use crate::credential::{CredentialForward, Credentials};
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
 use crate::guard::Guard;
@@ -54,6 +55,9 @@ pub struct Proxy {
     pub broker: Option<Arc<TokenBroker>>,
     /// Kept read-only answers and flights in the air (`[[cache]]`); none without entries.
     pub cache: Option<Arc<ResponseCache>>,
+    /// Tokens pacer fetches itself (`[[credential]]`), for credential routes and pacer's
+    /// own API calls.
+    pub credentials: Arc<Credentials>,
     resolver: Arc<UpstreamResolver>,
     /// Where access log lines go, shared across reloads; none: no access log.
     log_sink: Option<LogSink>,
@@ -73,6 +77,7 @@ struct Parts {
     metrics: Arc<Metrics>,
     adaptive: Arc<Adaptive>,
     broker: Option<Arc<TokenBroker>>,
+    credentials: Arc<Credentials>,
     resolver: Arc<UpstreamResolver>,
     log_sink: Option<LogSink>,
 }
@@ -83,7 +88,12 @@ impl Proxy {
     pub fn reload(old: &Proxy, config: Arc<Config>) -> Result<Arc<Proxy>, SetupError> {
         if !old.config.same_limiting(&config) {
             tracing::warn!("limits changed on reload: counters start afresh");
-            return Proxy::build(config, old.metrics.clone(), old.log_sink.clone());
+            return Proxy::build(
+                config,
+                old.metrics.clone(),
+                old.log_sink.clone(),
+                Some(&old.credentials),
+            );
         }
         let upstreams = build_upstreams(&config)?;
         // Routes may have changed: a new critical route lets keys learn the reserve.
@@ -94,6 +104,13 @@ impl Proxy {
             metrics: old.metrics.clone(),
             adaptive: old.adaptive.clone(),
             broker: old.broker.clone(),
+            credentials: credentials(
+                &config,
+                &upstreams,
+                &old.admission,
+                &old.metrics,
+                Some(&old.credentials),
+            ),
             resolver: old.resolver.clone(),
             log_sink: old.log_sink.clone(),
             config,
@@ -113,7 +130,7 @@ impl Proxy {
 
     /// Like [`Proxy::new`], writing the access log (as `[log]` says) to `sink`.
     pub fn with_log(config: Arc<Config>, sink: Option<LogSink>) -> Result<Arc<Proxy>, SetupError> {
-        Self::build(config, Arc::new(Metrics::new()), sink)
+        Self::build(config, Arc::new(Metrics::new()), sink, None)
     }
 
     /// Like [`Proxy::with_log`], recording into existing metrics.
@@ -121,6 +138,7 @@ impl Proxy {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         log_sink: Option<LogSink>,
+        previous: Option<&Credentials>,
     ) -> Result<Arc<Proxy>, SetupError> {
         let upstreams = build_upstreams(&config)?;
         let index = |name: &str| config.upstream_index(name);
@@ -184,6 +202,7 @@ impl Proxy {
             let s = scales.scale(key);
             (s.rate, s.client)
         }));
+        let credentials = credentials(&config, &upstreams, &admission, &metrics, previous);
         Proxy::assemble(Parts {
             config,
             upstreams,
@@ -192,6 +211,7 @@ impl Proxy {
             metrics,
             adaptive,
             broker,
+            credentials,
             resolver,
             log_sink,
         })
@@ -212,7 +232,7 @@ impl Proxy {
         let cache = ResponseCache::from_config(config, p.metrics.clone());
         let pipeline = Pipeline {
             guard: Guard::new(Arc::new(server.clone()), draining.clone()),
-            routes: RouteTable::new(&config.routes, names)?,
+            routes: RouteTable::new(&config.routes, names, &config.credentials)?,
             access: Access::new(trusted.clone()),
             buffer: BufferBody::new(server.buffer_body_bytes),
             identify: Identify::new(p.identity.clone(), trusted.clone()),
@@ -225,7 +245,11 @@ impl Proxy {
                 config.queue.max_wait.0,
                 config.state.backend == StateBackend::Redis,
             ),
-            forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone()),
+            forward: Forward::new(p.upstreams.clone(), trusted, p.metrics.clone())
+                .with_credentials(CredentialForward::new(
+                    p.credentials.clone(),
+                    server.buffer_body_bytes,
+                )),
             learn: Learn::new(
                 p.admission.clone(),
                 p.adaptive.clone(),
@@ -251,6 +275,7 @@ impl Proxy {
             adaptive: p.adaptive,
             broker: p.broker,
             cache,
+            credentials: p.credentials,
             resolver: p.resolver,
             log_sink: p.log_sink,
             sensitive_headers,
@@ -273,6 +298,28 @@ impl Proxy {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// The configuration's credentials, counting every request they send against the limits
+/// like a forwarded one of their OAuth client (the token exchange against the login
+/// preset's `token-issuance`), and keeping `previous` tokens whose settings are unchanged.
+fn credentials(
+    config: &Config,
+    upstreams: &[Arc<Upstream>],
+    admission: &Admission,
+    metrics: &Arc<Metrics>,
+    previous: Option<&Credentials>,
+) -> Arc<Credentials> {
+    let counter = admission.clone();
+    let mut credentials = Credentials::new(config, upstreams.to_vec())
+        .with_metrics(metrics.clone())
+        .with_send_hook(Arc::new(move |upstream, client, method, path| {
+            counter.record_sent(upstream, &Arc::from(client), method, path);
+        }));
+    if let Some(old) = previous {
+        credentials = credentials.carry_over(old);
+    }
+    Arc::new(credentials)
 }
 
 /// `authorization` and every route's inbound-key header.

@@ -2,7 +2,7 @@
 //! pacer is never an open proxy.
 
 use crate::answer::ProxyBody;
-use crate::config::{Cidr, IdentitySource, Priority, RouteConfig, Secret};
+use crate::config::{Cidr, CredentialConfig, IdentitySource, Priority, RouteConfig, Secret};
 use crate::error::{ErrorKind, ProxyError};
 use crate::guard::{Guarded, Target};
 use crate::server::{client_ip, ConnInfo};
@@ -26,6 +26,17 @@ pub struct Route {
     pub inbound_auth: Option<(http::HeaderName, Vec<Secret>)>,
     pub allow_cidrs: Vec<Cidr>,
     pub max_wait: Option<Duration>,
+    /// `credential = "NAME"`: pacer's own token goes upstream in place of the caller's.
+    pub credential: Option<RouteCredential>,
+}
+
+/// The `[[credential]]` a route sends requests with.
+#[derive(Debug, Clone)]
+pub struct RouteCredential {
+    /// Its name, for [`crate::credential::Credentials`].
+    pub name: Arc<str>,
+    /// Its OAuth client id: the caller of every request on the route.
+    pub client_id: Arc<str>,
 }
 
 /// A request's route and the path to send upstream.
@@ -50,15 +61,19 @@ pub enum RouteSetupError {
     UnknownUpstream { prefix: String, upstream: String },
     #[error("route {prefix}: inbound_auth.header {header:?} is not a header name")]
     BadHeader { prefix: String, header: String },
+    #[error("route {prefix}: no [[credential]] named {credential:?}")]
+    UnknownCredential { prefix: String, credential: String },
 }
 
 impl RouteTable {
-    /// Builds the table; `upstream` resolves an upstream name to its index and name.
-    /// Every name and header is resolved here, once: a route that cannot be resolved is an
-    /// error, never a silent fallback to another upstream or to no inbound key.
+    /// Builds the table; `upstream` resolves an upstream name to its index and name, and
+    /// routes' `credential` names are looked up in `credentials`. Every name and header is
+    /// resolved here, once: a route that cannot be resolved is an error, never a silent
+    /// fallback to another upstream, to no inbound key or to the caller's own token.
     pub fn new(
         configs: &[RouteConfig],
         upstream: impl Fn(&str) -> Option<(usize, Arc<str>)>,
+        credentials: &[CredentialConfig],
     ) -> Result<Self, RouteSetupError> {
         let mut routes = Vec::with_capacity(configs.len());
         for c in configs {
@@ -80,6 +95,22 @@ impl RouteTable {
                     Some((header, a.keys.clone()))
                 }
             };
+            let credential = match &c.credential {
+                None => None,
+                Some(name) => {
+                    let found = credentials
+                        .iter()
+                        .find(|k| k.name == *name)
+                        .ok_or_else(|| RouteSetupError::UnknownCredential {
+                            prefix: c.prefix.clone(),
+                            credential: name.clone(),
+                        })?;
+                    Some(RouteCredential {
+                        name: Arc::from(name.as_str()),
+                        client_id: Arc::from(found.client_id.as_str()),
+                    })
+                }
+            };
             routes.push(Arc::new(Route {
                 prefix: Arc::from(c.prefix.as_str()),
                 upstream: index,
@@ -90,6 +121,7 @@ impl RouteTable {
                 inbound_auth,
                 allow_cidrs: c.allow_cidrs.clone(),
                 max_wait: c.max_wait.map(|d| d.0),
+                credential,
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -246,6 +278,7 @@ mod tests {
                 };
                 Some((i, Arc::from(n)))
             },
+            &[],
         )
         .unwrap();
         let m = t.find("/ivr/api/v2/x").unwrap();
@@ -256,11 +289,15 @@ mod tests {
         assert_eq!((m.route.upstream, m.path.as_str()), (0, "/ivrx/a"));
         let m = t.find("/oauth/token").unwrap();
         assert_eq!((m.route.upstream, m.path.as_str()), (2, "/oauth/token"));
-        let only =
-            RouteTable::new(&[route("/crm/", "crm", true)], |n| Some((0, Arc::from(n)))).unwrap();
+        let only = RouteTable::new(
+            &[route("/crm/", "crm", true)],
+            |n| Some((0, Arc::from(n))),
+            &[],
+        )
+        .unwrap();
         assert!(only.find("/api/v2/users").is_none());
         // A name that does not resolve is an error, not the first upstream.
-        let err = RouteTable::new(&[route("/crm/", "crm", true)], |_| None).unwrap_err();
+        let err = RouteTable::new(&[route("/crm/", "crm", true)], |_| None, &[]).unwrap_err();
         assert!(err.to_string().contains("crm"), "{err}");
     }
 }

@@ -16,6 +16,7 @@ const SECTIONS: &[&str] = &[
     "log",
     "cache",
     "cache_settings",
+    "credential",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -65,6 +66,7 @@ impl Config {
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),
                 "limit" => config.limits = array(value, "limit", &mut errors),
+                "credential" => config.credentials = array(value, "credential", &mut errors),
                 other => errors.push(ConfigError {
                     path: other.to_string(),
                     message: format!("unknown section, expected one of {}", SECTIONS.join(", ")),

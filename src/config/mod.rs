@@ -86,6 +86,8 @@ pub struct Config {
     pub caches: Vec<CacheConfig>,
     /// `[cache_settings]`: the response cache's memory.
     pub cache_settings: CacheSettings,
+    /// OAuth clients whose tokens pacer fetches itself (`[[credential]]`).
+    pub credentials: Vec<CredentialConfig>,
 }
 
 /// `[log]`: the access log, one line per request on stdout.
@@ -389,6 +391,11 @@ pub struct RouteConfig {
     /// Longest queue wait on this route; else `[queue] max_wait`.
     #[serde(default)]
     pub max_wait: Option<Dur>,
+    /// A `[[credential]]` name: pacer sends its own token for that OAuth client, drops the
+    /// caller's `Authorization`, and counts the requests under that client. Requires
+    /// `inbound_auth` and/or `allow_cidrs`.
+    #[serde(default)]
+    pub credential: Option<String>,
 }
 
 /// `inbound_auth = { header, keys }` on a route.
@@ -397,6 +404,31 @@ pub struct RouteConfig {
 pub struct InboundAuth {
     pub header: String,
     pub keys: Vec<Secret>,
+}
+
+/// Default `[[credential]] token_path`: Genesys' login token endpoint.
+pub const DEFAULT_TOKEN_PATH: &str = "/oauth/token";
+
+/// `[[credential]]`: an OAuth client (client credentials grant) whose token pacer fetches
+/// from the login upstream, caches and refreshes itself (see [`crate::credential`]).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// The name routes and `[discover]` refer to it by.
+    pub name: String,
+    /// The `[[upstream]]` that issues its tokens (Genesys: `login.<region>`).
+    pub upstream: String,
+    /// OAuth client id; also the caller identity of the requests sent with its token.
+    pub client_id: String,
+    /// OAuth client secret, usually `${ENV}`; never printed.
+    pub client_secret: Secret,
+    /// Path of the token endpoint on the login upstream.
+    #[serde(default = "defaults::token_path")]
+    pub token_path: String,
+    /// Fetch a new token this long before the cached one expires; default 10% of the
+    /// token's lifetime, at least 60 s. Never more than half the lifetime.
+    #[serde(default)]
+    pub refresh_before: Option<Dur>,
 }
 
 /// `[identity]`: how callers are identified.
@@ -536,6 +568,9 @@ mod defaults {
     pub fn pool_idle_timeout() -> Dur {
         Dur::secs(90)
     }
+    pub fn token_path() -> String {
+        super::DEFAULT_TOKEN_PATH.to_string()
+    }
 }
 
 impl Config {
@@ -561,6 +596,11 @@ impl Config {
     /// The upstream with this name.
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+
+    /// The `[[credential]]` with this name.
+    pub fn credential(&self, name: &str) -> Option<&CredentialConfig> {
+        self.credentials.iter().find(|c| c.name == name)
     }
 
     /// The index of the upstream with this name, as limits and routes refer to it.

@@ -374,3 +374,102 @@ fn shadow_keys_parse_and_redis_refuses_them() {
     let off = Config::parse(MINIMAL).expect("off");
     assert!(!on.same_limiting(&off));
 }
+
+#[test]
+fn credentials_are_parsed_with_defaults_and_validated_with_key_paths() {
+    let ok = format!(
+        "{MINIMAL}\n[[credential]]\nname = \"ivr\"\nupstream = \"api\"\nclient_id = \"id\"\nclient_secret = \"${{SECRET}}\"\n"
+    );
+    let c = Config::parse_with_env(&ok, &env).unwrap();
+    let cred = c.credential("ivr").unwrap();
+    assert_eq!(cred.client_secret.expose(), "s3cret");
+    assert_eq!(cred.token_path, DEFAULT_TOKEN_PATH);
+    assert_eq!(cred.refresh_before, None);
+    assert!(!format!("{c:?}").contains("s3cret"));
+
+    let bad = format!(
+        r#"{MINIMAL}
+[[credential]]
+name = "a"
+upstream = "login"
+client_id = ""
+client_secret = ""
+token_path = "oauth/token"
+refresh_before = "0s"
+[[credential]]
+name = "a"
+upstream = "api"
+client_id = "x:y"
+client_secret = "${{MISSING}}"
+[[credential]]
+name = "b"
+upstream = "api"
+client_id = "x"
+client_secret = "s"
+extra = 1
+"#
+    );
+    let errors = Config::parse_with_env(&bad, &env).unwrap_err().0;
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    for p in [
+        "credential[0].upstream",
+        "credential[0].client_id",
+        "credential[0].client_secret",
+        "credential[0].token_path",
+        "credential[0].refresh_before",
+        "credential[1].name",
+        "credential[1].client_id",
+        "credential[1].client_secret",
+        "credential[2].extra",
+    ] {
+        assert!(paths.contains(&p), "{p} missing from {errors:?}");
+    }
+}
+
+#[test]
+fn a_credential_route_needs_a_known_credential_and_a_gate() {
+    let cred = "[[credential]]\nname = \"ivr\"\nupstream = \"api\"\nclient_id = \"id\"\nclient_secret = \"s\"\n";
+    let text = format!(
+        r#"{cred}
+[[upstream]]
+name = "api"
+url = "http://127.0.0.1:1"
+[[route]]
+prefix = "/open/"
+upstream = "api"
+credential = "ivr"
+[[route]]
+prefix = "/typo/"
+upstream = "api"
+credential = "ivx"
+allow_cidrs = ["10.0.0.0/8"]
+identity = ["client-ip"]
+[[route]]
+prefix = "/keyed/"
+upstream = "api"
+credential = "ivr"
+inbound_auth = {{ header = "x-app-key", keys = ["k"] }}
+"#
+    );
+    let errors = Config::parse_with_env(&text, &env).unwrap_err().0;
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "route[0].credential",
+            "route[1].credential",
+            "route[1].identity"
+        ],
+        "{errors:?}"
+    );
+    assert!(errors[0].message.contains("inbound_auth"), "{errors:?}");
+    let ok = text
+        .replace("credential = \"ivx\"", "credential = \"ivr\"")
+        .replace("identity = [\"client-ip\"]", "")
+        .replace(
+            "prefix = \"/open/\"\nupstream = \"api\"\ncredential = \"ivr\"",
+            "prefix = \"/open/\"\nupstream = \"api\"",
+        );
+    let c = Config::parse_with_env(&ok, &env).unwrap();
+    assert_eq!(c.routes[2].credential.as_deref(), Some("ivr"));
+}

@@ -114,6 +114,28 @@ impl Config {
                     format!("no [[upstream]] named {:?}", r.upstream),
                 );
             }
+            if let Some(name) = &r.credential {
+                if self.credential(name).is_none() {
+                    err(
+                        format!("{p}.credential"),
+                        format!("no [[credential]] named {name:?}"),
+                    );
+                }
+                if r.inbound_auth.is_none() && r.allow_cidrs.is_empty() {
+                    err(
+                        format!("{p}.credential"),
+                        "a route that sends pacer's own token needs inbound_auth and/or \
+                         allow_cidrs, or anyone who can reach pacer could use it"
+                            .into(),
+                    );
+                }
+                if !r.identity.is_empty() {
+                    err(
+                        format!("{p}.identity"),
+                        "not used with `credential`: the caller is the credential's client".into(),
+                    );
+                }
+            }
             if let Some(auth) = &r.inbound_auth {
                 if http::HeaderName::from_bytes(auth.header.as_bytes()).is_err() {
                     err(
@@ -129,6 +151,7 @@ impl Config {
                 }
             }
         }
+        self.validate_credentials(&names, &mut err);
         let mut client_ids = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if c.id.is_empty() {
@@ -346,6 +369,64 @@ impl Config {
             err("identity.max_keys".into(), "must be at least 1".into());
         }
         super::cache::validate(&self.caches, &self.cache_settings, &names, errors);
+    }
+}
+
+impl Config {
+    /// `[[credential]]`: unique names, a known login upstream, a non-empty id and secret,
+    /// an absolute token path.
+    fn validate_credentials(
+        &self,
+        upstreams: &HashSet<&str>,
+        err: &mut impl FnMut(String, String),
+    ) {
+        let mut seen = HashSet::new();
+        for (i, c) in self.credentials.iter().enumerate() {
+            let p = format!("credential[{i}]");
+            if c.name.is_empty() {
+                err(format!("{p}.name"), "must not be empty".into());
+            } else if !seen.insert(c.name.as_str()) {
+                err(
+                    format!("{p}.name"),
+                    format!("duplicate credential name {:?}", c.name),
+                );
+            }
+            if !upstreams.contains(c.upstream.as_str()) {
+                err(
+                    format!("{p}.upstream"),
+                    format!("no [[upstream]] named {:?}", c.upstream),
+                );
+            }
+            if c.client_id.trim().is_empty() {
+                err(format!("{p}.client_id"), "must not be empty".into());
+            } else if c.client_id.contains(':') || c.client_id.chars().any(char::is_control) {
+                err(
+                    format!("{p}.client_id"),
+                    "must not contain ':' or control characters".into(),
+                );
+            }
+            if c.client_secret.expose().is_empty() {
+                err(format!("{p}.client_secret"), "must not be empty".into());
+            }
+            if !c.token_path.starts_with('/')
+                || c.token_path.contains(['?', '#'])
+                || http::uri::PathAndQuery::try_from(c.token_path.as_str()).is_err()
+            {
+                err(
+                    format!("{p}.token_path"),
+                    format!(
+                        "must be an absolute path without query, got {:?}",
+                        c.token_path
+                    ),
+                );
+            }
+            if c.refresh_before.is_some_and(|d| d.0.is_zero()) {
+                err(
+                    format!("{p}.refresh_before"),
+                    "must be greater than zero".into(),
+                );
+            }
+        }
     }
 }
 

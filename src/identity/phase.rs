@@ -71,6 +71,7 @@ impl Identify {
         let ip = client_ip(r.req.headers(), r.conn.peer.ip(), &self.trusted_proxies);
         let identity = &self.identity;
         let form_client = if route.identity.is_empty()
+            && route.credential.is_none()
             && r.req.method() == Method::POST
             && is_token_path(&r.route.path)
         {
@@ -78,8 +79,14 @@ impl Identify {
         } else {
             None
         };
-        let caller = match form_client {
-            Some(id) if basic_user(r.req.headers()).is_none() => identity.client(&id),
+        let caller = match (&route.credential, form_client) {
+            // The caller's own token is neither looked up nor refused: pacer sends the
+            // credential's, so the caller is the credential's client.
+            (Some(credential), _) => {
+                r.req.headers_mut().remove(header::AUTHORIZATION);
+                identity.client(&credential.client_id)
+            }
+            (None, Some(id)) if basic_user(r.req.headers()).is_none() => identity.client(&id),
             _ => {
                 identity
                     .identify(&route.identity, r.req.headers(), ip, route.upstream)

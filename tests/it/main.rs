@@ -11,6 +11,7 @@ mod broker;
 mod cache;
 mod cli;
 mod config_watch;
+mod credential;
 mod deps;
 mod egress;
 mod fuzz_replay;

@@ -1,6 +1,7 @@
 //! No credential ever reaches a log line or a metric: a real flow (simulator + pacer,
 //! tokens issued through pacer, Basic credentials, an unseen token resolved with
-//! `tokens/me`, a route with an inbound key) runs with every log record at TRACE captured,
+//! `tokens/me`, a route with an inbound key, a credential route with pacer's own token)
+//! runs with every log record at TRACE captured,
 //! then the captured text, `/metrics` and `/status` are searched for every secret used.
 //!
 //! pacer runs as its own process (`pacer run`, `PACER_LOG=trace`) and its whole stdout
@@ -23,6 +24,7 @@ const INBOUND_KEY: &str = "inbound-KEY-9c2e5b3f";
 const WRONG_KEY: &str = "wrong-inbound-KEY-e1f2";
 const FORGED_TOKEN: &str = "forgedTokenNeverIssued0123456789abcdef";
 const KEY_VAR: &str = "PACER_SECRETS_TEST_INBOUND_KEY";
+const CLIENT_SECRET_VAR: &str = "PACER_SECRETS_TEST_CLIENT_SECRET";
 
 fn basic(id: &str, secret: &str) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"));
@@ -72,6 +74,9 @@ async fn no_secret_reaches_logs_or_metrics() {
             .await
             .expect("simulator starts");
         let url = sim.url();
+        // Records what pacer sends on the credential route: the token pacer fetched.
+        let rec = TestUpstream::start().await;
+        let rec_url = rec.url();
         let pacer = PacerProcess::start(
             "secrets",
             |port, admin| {
@@ -84,13 +89,23 @@ async fn no_secret_reaches_logs_or_metrics() {
                      [[route]]\nprefix = \"/crm/\"\nupstream = \"api\"\nstrip_prefix = true\n\
                      identity = [\"basic-user\"]\n\
                      inbound_auth = {{ header = \"x-pacer-key\", keys = [\"${{{KEY_VAR}}}\"] }}\n\n\
+                     [[upstream]]\nname = \"rec\"\nurl = \"{rec_url}\"\n\n\
+                     [[credential]]\nname = \"own\"\nupstream = \"login\"\nclient_id = \"{CLIENT_ID}\"\n\
+                     client_secret = \"${{{CLIENT_SECRET_VAR}}}\"\n\n\
+                     [[route]]\nprefix = \"/cred/\"\nupstream = \"rec\"\nstrip_prefix = true\n\
+                     credential = \"own\"\n\
+                     inbound_auth = {{ header = \"x-pacer-key\", keys = [\"${{{KEY_VAR}}}\"] }}\n\n\
                      [identity]\ntokens_me = true\n\n\
                      [[client]]\nid = \"{CLIENT_ID}\"\nname = \"secrets\"\n\n\
                      [[limit]]\nname = \"per-client\"\nupstream = \"api\"\nscope = \"client\"\n\
                      requests = 1000\nper = \"60s\"\n"
                 )
             },
-            &[(KEY_VAR, INBOUND_KEY), ("PACER_LOG", "trace")],
+            &[
+                (KEY_VAR, INBOUND_KEY),
+                (CLIENT_SECRET_VAR, CLIENT_SECRET),
+                ("PACER_LOG", "trace"),
+            ],
         )
         .await;
         let h1 = TestClient::http1(pacer.addr);
@@ -172,6 +187,21 @@ async fn no_secret_reaches_logs_or_metrics() {
             .await;
         wrong.assert_pacer_error(StatusCode::UNAUTHORIZED);
 
+        // The credential route: pacer's own token goes upstream in place of the caller's.
+        let cred = h2
+            .get(
+                "/cred/api/v2/users",
+                &[("x-pacer-key", INBOUND_KEY), ("authorization", "Bearer caller")],
+            )
+            .await;
+        assert_eq!(cred.status, StatusCode::OK, "{}", cred.text());
+        let t_own = rec
+            .only()
+            .header("authorization")
+            .and_then(|a| a.strip_prefix("Bearer ").map(str::to_string))
+            .expect("pacer's bearer token upstream");
+        assert_ne!(t_own, "caller");
+
         let admin = TestClient::http1(pacer.admin);
         let metrics = admin.get("/metrics", &[]).await.text();
         let status = admin.get("/status", &[]).await.text();
@@ -196,6 +226,7 @@ async fn no_secret_reaches_logs_or_metrics() {
             ("token issued for form", t_form),
             ("token issued directly", t_direct),
             ("forged token", FORGED_TOKEN.into()),
+            ("token pacer fetched for a credential", t_own),
         ];
         (format!("{stdout}{stderr}"), metrics, status, secrets)
     })
