@@ -33,7 +33,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::identity::{Caller, Identified};
 use crate::limit::LayerKey;
 use crate::metrics::{InflightGauge, Metrics, RequestLabels};
-use crate::queue::{Admission, Permit, Reservation};
+use crate::queue::{Admission, JobHold, Permit, Reservation};
 use crate::recent::Event;
 use crate::route::{RouteMatch, Routed};
 use crate::server::ConnInfo;
@@ -83,11 +83,16 @@ impl Admitted {
 /// phase needs, and the concurrency it holds.
 pub struct Answering {
     pub route: RouteMatch,
+    /// The request's method, for what its answer may say (a job's `DELETE`).
+    pub method: http::Method,
     pub caller: Caller,
     /// The limiter keys the request was admitted under.
     pub layers: Vec<LayerKey>,
     /// The adaptive cut in force at admission, so that a 429 is judged against it.
     pub generation: Generation,
+    /// The job slots of a job's creation, until its answer keeps them or gives them back
+    /// (see [`crate::jobs`]).
+    pub job: Option<JobHold>,
     held: InFlight,
     /// `RateLimit-Policy` and `RateLimit` of the tightest layer.
     rate_headers: Option<(String, String)>,
@@ -175,7 +180,7 @@ impl Admit {
             route.route.max_wait.unwrap_or(self.max_wait),
             req.extensions().get::<CallerMaxWait>().copied(),
         );
-        let reservation = self
+        let mut reservation = self
             .admission
             .admit(demand, Some(client_key.clone()), max_wait)
             .await
@@ -206,6 +211,8 @@ impl Admit {
             Event::Waited(reservation.waited()),
         );
         let rate_headers = reservation.headers();
+        let job = reservation.take_jobs();
+        let method = req.method().clone();
         let gauge = self.metrics.inflight_gauge(&upstream_name, &caller.label);
         gauge.up();
         let held = InFlight {
@@ -218,9 +225,11 @@ impl Admit {
             conn,
             answering: Answering {
                 route,
+                method,
                 caller,
                 layers,
                 generation,
+                job,
                 held,
                 rate_headers,
             },

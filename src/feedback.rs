@@ -1,5 +1,6 @@
 //! Learning from upstream answers: a 429 with `Retry-After` pauses that caller's key on
-//! that upstream; a token issued through pacer is remembered (hashed) with its client.
+//! that upstream; a token issued through pacer is remembered (hashed) with its client; a
+//! job's creation, status or `DELETE` keeps or frees its job slot (see [`crate::jobs`]).
 
 use crate::adaptive::{Adaptive, ClientKey};
 use crate::admit::Answering;
@@ -111,7 +112,7 @@ impl Learn {
     /// Learns from the upstream's answer to an admitted request and passes it on.
     pub async fn learn(
         &self,
-        sent: &Answering,
+        sent: &mut Answering,
         endpoint: &str,
         flight: Option<&Flight>,
         result: Result<Response<ProxyBody>, ProxyError>,
@@ -161,7 +162,16 @@ impl Learn {
         if status.is_success() && is_token_path(&route.path) && caller.known {
             return self.learn_token(caller, flight, resp).await;
         }
-        Ok(resp)
+        let (upstream, job) = (route.route.upstream, sent.job.take());
+        Ok(crate::jobs::watch(
+            &self.admission,
+            upstream,
+            &sent.method,
+            &route.path,
+            job,
+            resp,
+        )
+        .await)
     }
 
     /// Tells the other replicas (in Redis mode) about a client's new cut or learned ceiling.

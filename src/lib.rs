@@ -30,6 +30,7 @@ pub mod forward;
 mod guard;
 pub mod healthcheck;
 pub mod identity;
+pub mod jobs;
 pub mod limit;
 pub mod metrics;
 pub mod path;

@@ -106,6 +106,9 @@ fn main() -> ExitCode {
                     c.routes.len(),
                     c.limits.len()
                 );
+                for w in c.warnings() {
+                    println!("  warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -132,6 +135,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            for w in config.warnings() {
+                tracing::warn!(key = %w.path, "{}", w.message);
+            }
             // One single-threaded runtime per serving thread (`[server] workers`); this one
             // is the first and also runs the shared background work.
             let runtime = match runtime(true) {

@@ -169,7 +169,7 @@ impl Pipeline {
         // Send upstream (a cacheable request as the leader of its flight); the answer
         // streams back.
         let sending = Instant::now();
-        let (answer, sent) = match self.cache.send(&self.forward, req, pending).await? {
+        let (answer, mut sent) = match self.cache.send(&self.forward, req, pending).await? {
             Sending::Upstream(answer, sent) => (answer, sent),
             Sending::Answered(resp) => return Ok((resp, Outcome::Cached)),
         };
@@ -177,7 +177,7 @@ impl Pipeline {
         // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
         let answer = self
             .learn
-            .learn(&sent, labels.endpoint(), flight.as_ref(), answer)
+            .learn(&mut sent, labels.endpoint(), flight.as_ref(), answer)
             .await;
         // The answer carries the RateLimit headers and holds concurrency until it ends.
         Ok((sent.finish(answer)?, Outcome::Forwarded))

@@ -12,9 +12,11 @@
 //! pauses, when to try again) and `reservation` (what an admitted request holds, its
 //! commit, refund and release).
 
+pub mod jobs;
 mod reservation;
 mod schedule;
 
+pub use jobs::JobHold;
 pub use reservation::{headroom_headers, Permit, Reservation};
 
 use crate::config::{Priority, QueueConfig};
@@ -59,6 +61,10 @@ struct Shared {
     scaler: OnceLock<Scaler>,
     /// What shadow limits and pauses would have done, for `/status`.
     shadow: ShadowBook,
+    /// Async job slots (`jobs` limits), kept in this process.
+    jobs: jobs::JobSlots,
+    /// True when some limit is a job limit.
+    has_jobs: bool,
 }
 
 /// The shares of its rate ceilings a caller may use now: (every layer, its per-client
@@ -88,6 +94,32 @@ impl Shared {
         match until {
             Some(until) if self.set.shadow_pauses => (None, Some(until.saturating_sub(now))),
             kept => (kept, None),
+        }
+    }
+
+    /// `Retry-After` for a request `b` blocks: its predicted wait; for a concurrency cap,
+    /// which only a release opens, one second. A full job limit opens when a job finishes,
+    /// which nothing predicts; the request waited `max_wait` for it already, so the hint is
+    /// that long, or less when a slot's `job_ttl` runs out sooner.
+    fn retry_hint(&self, b: &Blocked, max_wait: Duration) -> Duration {
+        if let Some(wait) = b.wait {
+            return Duration::from_nanos(wait);
+        }
+        let job_layer = b.layer().filter(|l| {
+            self.set
+                .specs
+                .get(l.limit)
+                .is_some_and(|s| s.jobs.is_some())
+        });
+        match job_layer {
+            Some(layer) => {
+                let now = self.clock.now();
+                let opens = self.jobs.lock().opens_in(layer, now);
+                opens
+                    .map_or(max_wait, |n| max_wait.min(Duration::from_nanos(n)))
+                    .max(Duration::from_secs(1))
+            }
+            None => Duration::from_secs(1),
         }
     }
 
@@ -136,8 +168,30 @@ impl Shared {
         Arc::new(d)
     }
 
-    /// Asks the backend, making sure a grant whose caller went away meanwhile is refunded.
+    /// Takes job slots, then asks the backend, making sure a grant whose caller went away
+    /// meanwhile is refunded (job slots too: a [`JobHold`] dropped gives them back).
     async fn take(
+        self: &Arc<Self>,
+        demand: Arc<Demand>,
+        ahead: Vec<u64>,
+        pause: Option<&PauseKey>,
+    ) -> Result<(Grant, Option<JobHold>), Blocked> {
+        let jobs = self.take_jobs(&demand, &ahead)?;
+        match self.take_counted(demand, ahead, pause).await {
+            Ok(grant) => Ok((grant, jobs)),
+            Err(b) => {
+                // Held for no time: giving it back must not wake the scheduler, whose
+                // next pass would take and return it again, and again.
+                if let Some(hold) = jobs {
+                    hold.untake();
+                }
+                Err(b)
+            }
+        }
+    }
+
+    /// Asks the backend, making sure a grant whose caller went away meanwhile is refunded.
+    async fn take_counted(
         self: &Arc<Self>,
         demand: Arc<Demand>,
         ahead: Vec<u64>,
@@ -194,6 +248,7 @@ impl Admission {
     ) -> Admission {
         let wake = Arc::new(Notify::new());
         let reserve = Reserve::new(queue.reserve_memory.0, max_keys, set.specs.len());
+        let has_jobs = set.specs.iter().any(|s| s.jobs.is_some());
         let shared = Arc::new(Shared {
             set,
             backend,
@@ -205,6 +260,8 @@ impl Admission {
             wake: wake.clone(),
             scaler: OnceLock::new(),
             shadow: ShadowBook::default(),
+            jobs: jobs::JobSlots::new(max_keys),
+            has_jobs,
         });
         tokio::spawn(schedule(Arc::downgrade(&shared), wake));
         Admission { shared }
@@ -243,9 +300,19 @@ impl Admission {
         let set = &self.shared.set;
         let backend = &self.shared.backend;
         let demand = set.demand(upstream, caller, method, path, priority);
-        if backend.key_count() >= self.shared.max_keys
-            && demand.layers.iter().any(|l| !backend.has_key(l))
-        {
+        let (job_keys, new_job_key) = if self.shared.has_jobs {
+            let book = self.shared.jobs.lock();
+            let new = |l: &LayerKey| set.specs[l.limit].jobs.is_some() && !book.has(l);
+            (book.key_count(), demand.layers.iter().any(new))
+        } else {
+            (0, false)
+        };
+        let new_key = new_job_key
+            || demand
+                .layers
+                .iter()
+                .any(|l| set.specs[l.limit].jobs.is_none() && !backend.has_key(l));
+        if backend.key_count().saturating_add(job_keys) >= self.shared.max_keys && new_key {
             return set.demand(
                 upstream,
                 &Arc::from(OVERFLOW_CALLER),
@@ -300,11 +367,13 @@ impl Admission {
         let blocked = match paused {
             Some(_) => None,
             None => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
-                Ok(grant) => {
+                Ok((grant, jobs)) => {
                     // Admitted at once, but the counter store may have taken its time
                     // (Redis): the wait is everything pacer held the request for.
-                    return Ok(Reservation::new(shared.clone(), grant, started.elapsed())
-                        .with_pause(pause.as_ref(), shadow_pause));
+                    return Ok(
+                        Reservation::new(shared.clone(), grant, jobs, started.elapsed())
+                            .with_pause(pause.as_ref(), shadow_pause),
+                    );
                 }
                 Err(b) => Some(b),
             },
@@ -321,13 +390,12 @@ impl Admission {
         let (rx, key) = {
             let mut state = shared.lock();
             if state.queued() >= shared.queue.max_depth {
-                let wait = blocked
+                let retry_after = blocked
                     .as_ref()
-                    .and_then(|b| b.wait)
-                    .unwrap_or(1_000_000_000);
+                    .map_or(Duration::from_secs(1), |b| shared.retry_hint(b, max_wait));
                 return Err(Refusal {
                     reason: ShedReason::QueueFull,
-                    retry_after: Duration::from_nanos(wait),
+                    retry_after,
                     policy: blocked.as_ref().and_then(|b| shed_headers(&shared.set, b)),
                 });
             }
@@ -348,7 +416,7 @@ impl Admission {
                 Err(match last.and_then(|w| w.last_blocked) {
                     Some(b) => Refusal {
                         reason: shed_reason(&b, ShedReason::WaitTooLong),
-                        retry_after: Duration::from_nanos(b.wait.unwrap_or(1_000_000_000)),
+                        retry_after: shared.retry_hint(&b, max_wait),
                         policy: shed_headers(&shared.set, &b),
                     },
                     None => Refusal {
@@ -470,6 +538,7 @@ fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
     let quota = spec
         .requests
         .or(spec.concurrency.map(|c| c[0]))
+        .or(spec.jobs)
         .unwrap_or(0);
     let reset = ceil_secs(Duration::from_nanos(b.wait.unwrap_or(1_000_000_000))).max(1);
     let policy = match spec.requests {

@@ -16,7 +16,8 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
     proxy.adaptive.merge(version, &shared);
     let set = proxy.admission.limits();
     let waiting = proxy.admission.waiting();
-    let usage: Vec<_> = proxy
+    let jobs = proxy.admission.jobs_usage();
+    let mut usage: Vec<_> = proxy
         .admission
         .usage()
         .into_iter()
@@ -45,6 +46,23 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             })
         })
         .collect();
+    // Job limits: running jobs per key (see [`crate::jobs`]).
+    usage.extend(jobs.into_iter().map(|(layer, running)| {
+        let spec = &set.specs[layer.limit];
+        let client = match &layer.part {
+            KeyPart::Client(c) | KeyPart::ClientEndpoint(c, _) => Some(client_label(proxy, c)),
+            KeyPart::Global | KeyPart::Endpoint(_) => None,
+        };
+        serde_json::json!({
+            "limit": &*spec.name,
+            "key": layer.part.label(),
+            "jobs_running": running,
+            "jobs": spec.jobs,
+            "job_ttl_seconds": std::time::Duration::from_nanos(spec.job_ttl).as_secs_f64(),
+            "client": client,
+            "waiting": waiting.get(&layer).copied().unwrap_or(0),
+        })
+    }));
     let upstream_name = |u: usize| proxy.upstreams.get(u).map(|u| u.name.to_string());
     let pauses: Vec<_> = proxy
         .admission
@@ -206,6 +224,16 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             .or_insert(0.0);
         *e = e.max(ratio);
     }
+    // Job limits: running jobs over `jobs` (a job limit counts nothing else).
+    for (layer, running) in proxy.admission.jobs_usage() {
+        let spec = &set.specs[layer.limit];
+        let Some(n) = spec.jobs else { continue };
+        let key = key_label(proxy, &layer.part);
+        let e = utilization
+            .entry((spec.name.to_string(), key))
+            .or_insert(0.0);
+        *e = e.max(running as f64 / n.max(1) as f64);
+    }
     // Pauses of callers that share a label are one sample (the longest).
     let mut paused: BTreeMap<(String, String), f64> = Default::default();
     for ((u, caller), left) in proxy.admission.pauses() {
@@ -224,7 +252,7 @@ pub fn render_metrics(proxy: &Proxy) -> String {
         cache_bytes,
         Gauge {
             name: "pacer_limit_utilization_ratio",
-            help: "Share of a limit's quota (or concurrency) in use now, per key.",
+            help: "Share of a limit's quota (or concurrency, or job slots) in use now, per key.",
             samples: utilization
                 .into_iter()
                 .map(|((limit, key), v)| (vec![("limit", limit), ("key", key)], v))

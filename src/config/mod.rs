@@ -497,6 +497,14 @@ pub struct LimitConfig {
     pub per: Option<Dur>,
     #[serde(default)]
     pub concurrency: Option<u64>,
+    /// Async job slots: at most this many jobs created through the matching endpoint run
+    /// at once per key (see [`crate::queue::jobs`]).
+    #[serde(default)]
+    pub jobs: Option<u64>,
+    /// A job slot no status answer or `DELETE` freed is given back after this long;
+    /// [`DEFAULT_JOB_TTL`] when omitted.
+    #[serde(default)]
+    pub job_ttl: Option<Dur>,
     /// Fraction of the quota left unused as a safety margin.
     #[serde(default)]
     pub headroom: f64,
@@ -509,7 +517,15 @@ pub struct LimitConfig {
     pub shadow: bool,
 }
 
+/// How long a job slot is held when pacer never sees its job finish (`job_ttl`).
+pub const DEFAULT_JOB_TTL: Duration = Duration::from_secs(30 * 60);
+
 impl LimitConfig {
+    /// How long a job slot lasts at most: `job_ttl`, else [`DEFAULT_JOB_TTL`].
+    pub fn effective_job_ttl(&self) -> Duration {
+        self.job_ttl.map_or(DEFAULT_JOB_TTL, |d| d.0)
+    }
+
     /// Requests allowed per window after headroom.
     pub fn effective_requests(&self) -> Option<u64> {
         self.requests

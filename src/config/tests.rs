@@ -157,6 +157,8 @@ fn guard_and_headroom_shape_the_window() {
         requests: Some(300),
         per: Some(Dur::secs(60)),
         concurrency: None,
+        jobs: None,
+        job_ttl: None,
         headroom: 0.1,
         guard: None,
         shadow: false,
@@ -472,4 +474,78 @@ inbound_auth = {{ header = "x-app-key", keys = ["k"] }}
         );
     let c = Config::parse_with_env(&ok, &env).unwrap();
     assert_eq!(c.routes[2].credential.as_deref(), Some("ivr"));
+}
+
+#[test]
+fn job_limits_validate_with_key_paths_and_warn_per_replica_under_redis() {
+    let jobs =
+        "[[limit]]\nname = \"jobs\"\nmatch = \"POST /api/v2/analytics/*/details/jobs\"\njobs = 2\n";
+    let c = Config::parse(&format!("{MINIMAL}{jobs}")).expect("a job limit");
+    assert_eq!(c.limits[0].jobs, Some(2));
+    assert_eq!(c.limits[0].effective_job_ttl(), Duration::from_secs(1800));
+    assert!(c.warnings().is_empty());
+    let c = Config::parse(&format!("{MINIMAL}{jobs}job_ttl = \"5m\"\n")).expect("ttl");
+    assert_eq!(c.limits[0].effective_job_ttl(), Duration::from_secs(300));
+    let errors = |limit: &str| -> Vec<String> {
+        Config::parse(&format!("{MINIMAL}{limit}"))
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    };
+    let has = |lines: &[String], key: &str| lines.iter().any(|l| l.starts_with(key));
+    let e = errors("[[limit]]\nname = \"j\"\njobs = 0\nconcurrency = 3\njob_ttl = \"0s\"\n");
+    for key in [
+        "limit[0].jobs: must be at least 1",
+        "limit[0].jobs: a job limit",
+        "limit[0].match",
+        "limit[0].job_ttl",
+    ] {
+        assert!(has(&e, key), "{key}: {e:#?}");
+    }
+    let e = errors("[[limit]]\nname = \"j\"\nconcurrency = 1\njob_ttl = \"1m\"\n");
+    assert!(has(&e, "limit[0].job_ttl: only with `jobs`"), "{e:#?}");
+    let e = errors(&format!("{jobs}shadow = true\n"));
+    assert!(has(&e, "limit[0].shadow"), "{e:#?}");
+    let redis = "[state]\nbackend = \"redis\"\nurl = \"redis://r:6379/\"\n";
+    let c = Config::parse(&format!("{redis}{MINIMAL}{jobs}")).expect("redis");
+    let w: Vec<String> = c.warnings().iter().map(|w| w.to_string()).collect();
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert!(
+        w[0].starts_with("limit[0].jobs: job slots are kept per replica"),
+        "{w:#?}"
+    );
+}
+
+#[test]
+fn the_genesys_preset_holds_analytics_job_slots_for_both_families() {
+    let text = "[[upstream]]\nname = \"g\"\nurl = \"https://api.mypurecloud.com\"\npreset = \"genesys\"\n[[route]]\nprefix = \"/\"\nupstream = \"g\"\n";
+    let c = Config::parse(text).unwrap();
+    let jobs = c
+        .limits
+        .iter()
+        .find(|l| l.name == "analytics-jobs")
+        .unwrap();
+    assert_eq!(jobs.jobs, Some(5));
+    assert_eq!(jobs.scope, Scope::Global);
+    let set = crate::limit::LimitSet::new(&c.limits, &c.queue, |n| c.upstream_index(n));
+    for family in ["conversations", "users"] {
+        let d = set.demand(
+            0,
+            &std::sync::Arc::from("c"),
+            &http::Method::POST,
+            &format!("/api/v2/analytics/{family}/details/jobs"),
+            Priority::Normal,
+        );
+        assert!(
+            d.layers.iter().any(|l| set.specs[l.limit].jobs == Some(5)),
+            "{family}"
+        );
+    }
+    // The synchronous query cap stays.
+    assert!(c
+        .limits
+        .iter()
+        .any(|l| l.name == "analytics-queries" && l.concurrency == Some(8)));
 }

@@ -196,12 +196,13 @@ impl Config {
                 }
                 _ => {}
             }
-            if l.requests.is_none() && l.concurrency.is_none() {
+            if l.requests.is_none() && l.concurrency.is_none() && l.jobs.is_none() {
                 err(
                     p.clone(),
-                    "needs `requests` and `per`, or `concurrency`".into(),
+                    "needs `requests` and `per`, `concurrency`, or `jobs`".into(),
                 );
             }
+            self.validate_jobs(&p, l, &mut err);
             if l.concurrency == Some(0) {
                 err(format!("{p}.concurrency"), "must be at least 1".into());
             }
@@ -452,3 +453,73 @@ fn check_upstream_url(raw: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+impl Config {
+    /// What is valid but works differently than one may expect, each with its key path:
+    /// `check-config` prints these and the server logs them at start.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        if self.state.backend == StateBackend::Redis {
+            for (i, l) in self.limits.iter().enumerate() {
+                if let Some(n) = l.jobs {
+                    out.push(ConfigError {
+                        path: format!("limit[{i}].jobs"),
+                        message: format!(
+                            "job slots are kept per replica, not in Redis: with R replicas up \
+                             to R x {n} jobs of {:?} run at once; divide `jobs` by the \
+                             replica count or send job creations through one replica",
+                            l.name
+                        ),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// A `jobs` limit: a slot per job created through one endpoint, nothing else.
+    fn validate_jobs(&self, p: &str, l: &LimitConfig, err: &mut impl FnMut(String, String)) {
+        let Some(n) = l.jobs else {
+            if l.job_ttl.is_some() {
+                err(format!("{p}.job_ttl"), "only with `jobs`".into());
+            }
+            return;
+        };
+        if n == 0 {
+            err(format!("{p}.jobs"), "must be at least 1".into());
+        }
+        if l.requests.is_some() || l.per.is_some() || l.concurrency.is_some() {
+            err(
+                format!("{p}.jobs"),
+                "a job limit counts running jobs only: put `requests`/`per` or \
+                 `concurrency` in a [[limit]] of its own"
+                    .into(),
+            );
+        }
+        if l.matches.is_none() {
+            err(
+                format!("{p}.match"),
+                "required with `jobs`: the endpoint that creates the jobs, e.g. \
+                 \"POST /api/v2/analytics/*/details/jobs\""
+                    .into(),
+            );
+        }
+        if l.shadow {
+            err(
+                format!("{p}.shadow"),
+                "not supported with `jobs` (job slots always hold)".into(),
+            );
+        }
+        if let Some(ttl) = l.job_ttl {
+            if ttl.0 < Duration::from_secs(1) || ttl.0 > MAX_JOB_TTL {
+                err(
+                    format!("{p}.job_ttl"),
+                    "must be between 1s and 7 days".into(),
+                );
+            }
+        }
+    }
+}
+
+/// Longest `job_ttl`: Genesys keeps job results for days, not longer.
+const MAX_JOB_TTL: Duration = Duration::from_secs(7 * 24 * 3600);

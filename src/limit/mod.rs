@@ -4,6 +4,7 @@
 //! layer that matches (all-or-nothing) or says how long until it could. It holds no clock
 //! and no lock; [`crate::queue`] adds waiting, time and sharing.
 
+pub mod jobs;
 pub mod window;
 
 use crate::config::{LimitConfig, Priority, QueueConfig, Scope};
@@ -41,6 +42,10 @@ pub struct LimitSpec {
     pub concurrency_open: Option<[u64; 3]>,
     /// Decides and counts, never holds a request back (see [`crate::shadow`]).
     pub shadow: bool,
+    /// Async jobs running at once per key (`jobs`), kept by [`jobs::JobBook`], not here.
+    pub jobs: Option<u64>,
+    /// How long a job slot lasts when its job is never seen finishing (`job_ttl`).
+    pub job_ttl: Nanos,
 }
 
 impl LimitSpec {
@@ -119,6 +124,8 @@ impl LimitSet {
                     concurrency: l.concurrency.map(|n| ceilings(n, queue, true)),
                     concurrency_open: l.concurrency.map(|n| ceilings(n, queue, false)),
                     shadow: l.shadow,
+                    jobs: l.jobs,
+                    job_ttl: l.effective_job_ttl().as_nanos().min(Nanos::MAX as u128) as Nanos,
                 }
             })
             .collect();
@@ -375,6 +382,10 @@ impl Ledger {
         let mut blocked: Option<Blocked> = None;
         for (i, layer) in demand.layers.iter().enumerate() {
             let spec = &set.specs[layer.limit];
+            if spec.ceilings.is_none() && spec.concurrency.is_none() {
+                // A job limit: its slots are the job book's (see [`jobs`]).
+                continue;
+            }
             let reserved = demand.holds_reserve(i);
             let counter = self.counters.entry(layer.clone()).or_default();
             if spec.shadow {

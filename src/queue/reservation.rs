@@ -3,6 +3,7 @@
 //! was refused) gives everything back; a [`Permit`] holds concurrency until the response is
 //! done. Either wakes the scheduler when it frees room.
 
+use super::JobHold;
 use super::PauseKey;
 use super::Shared;
 use crate::limit::window::Nanos;
@@ -19,17 +20,25 @@ pub struct Reservation {
     headroom: Option<Headroom>,
     /// Shadow layers that would have held it back (see [`crate::shadow`]).
     shadow: Vec<WouldBlock>,
+    /// Job slots of a job's creation; given back if dropped unkept.
+    jobs: Option<JobHold>,
     /// Set by the queue once the request is admitted.
     pub(super) waited: Duration,
 }
 
 impl Reservation {
-    pub(super) fn new(shared: Arc<Shared>, grant: Grant, waited: Duration) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        grant: Grant,
+        jobs: Option<JobHold>,
+        waited: Duration,
+    ) -> Self {
         Reservation {
             shared,
             taken: Some(grant.taken),
             headroom: grant.headroom,
             shadow: grant.shadow,
+            jobs,
             waited,
         }
     }
@@ -49,6 +58,11 @@ impl Reservation {
     /// had no room, and how long until they would have.
     pub fn shadow(&self) -> &[WouldBlock] {
         &self.shadow
+    }
+
+    /// The job slots a job's creation holds, for its answer to keep or give back.
+    pub fn take_jobs(&mut self) -> Option<JobHold> {
+        self.jobs.take()
     }
 
     /// How long the request waited in the queue.

@@ -159,6 +159,7 @@ pub(super) async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
                 let now = shared.clock.now();
                 shared.lock().pauses.retain(|_, until| *until > now);
                 shared.reserve.prune(now);
+                shared.jobs.lock().sweep(now);
                 last_sweep = Instant::now();
             }
             drain(&shared).await.map(|at| shared.clock.instant(at))
@@ -227,9 +228,9 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
         let zeros = vec![0; c.demand.layers.len()];
         let demand = shared.redecide(c.demand.clone(), now);
         match shared.take(demand, zeros, c.pause.as_ref()).await {
-            Ok(grant) => {
+            Ok((grant, jobs)) => {
                 let waiter = shared.lock().remove_waiter(c.key);
-                let reservation = Reservation::new(shared.clone(), grant, Duration::ZERO)
+                let reservation = Reservation::new(shared.clone(), grant, jobs, Duration::ZERO)
                     .with_pause(c.pause.as_ref(), shadow_pause);
                 // A caller that left meanwhile drops it here, outside the lock: refunded.
                 if let Some(w) = waiter {

@@ -37,6 +37,12 @@ pub struct SimConfig {
     pub token_requests: u64,
     /// In-flight `/api/v2` requests per client; 0 = unlimited.
     pub client_concurrency: u64,
+    /// Analytics details jobs running at once per client; more creations get 429. 0 =
+    /// unlimited.
+    pub job_concurrency: u64,
+    /// How long each analytics details job runs before it is FULFILLED.
+    #[serde(deserialize_with = "duration")]
+    pub job_duration: Duration,
     /// Send `inin-ratelimit-count`/`-allowed`/`-reset` on `/api/v2` answers, as Genesys
     /// does; off for an upstream that says nothing about its budget.
     pub rate_headers: bool,
@@ -106,6 +112,9 @@ impl Default for SimConfig {
             org_requests: 3000,
             token_requests: 300,
             client_concurrency: 0,
+            // The field notes' "5-10 concurrent queries per org" (seed 004), lower end.
+            job_concurrency: 5,
+            job_duration: Duration::from_secs(30),
             rate_headers: true,
             clients: default_clients(),
             endpoints: default_endpoints(),
@@ -330,6 +339,8 @@ mod tests {
             org_requests = 8
             token_requests = 2
             client_concurrency = 3
+            job_concurrency = 2
+            job_duration = "250ms"
             [[client]]
             id = "a"
             secret = "s"
@@ -348,6 +359,10 @@ mod tests {
         assert_eq!(c.latency, Duration::from_millis(5));
         assert_eq!(c.latency_jitter, Duration::from_millis(1));
         assert_eq!(c.token_ttl, Duration::from_secs(3600));
+        assert_eq!(
+            (c.job_concurrency, c.job_duration),
+            (2, Duration::from_millis(250))
+        );
         assert_eq!(c.clients.len(), 1);
         assert_eq!(c.clients[0].name, None);
         assert_eq!(c.endpoints[0].scope, Scope::Org);

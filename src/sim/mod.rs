@@ -7,6 +7,7 @@
 
 mod config;
 mod count;
+mod jobs;
 mod server;
 mod state;
 mod stats;

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::config::SimConfig;
+use super::jobs::Jobs;
 use super::state::{Core, RateHeaders, Ticket};
 use super::stats::SimStats;
 use crate::answer::{self, ProxyBody};
@@ -46,6 +47,7 @@ struct Shared {
     config: SimConfig,
     epoch: Instant,
     core: Mutex<Core>,
+    jobs: Mutex<Jobs>,
 }
 
 impl Shared {
@@ -63,6 +65,21 @@ impl Shared {
         let (mut core, _) = self.lock();
         core.stats_mut().received(client);
         core.stats_mut().answered(client, status);
+    }
+
+    /// The answer to an analytics details jobs call, if `path` is one.
+    fn jobs(&self, client: &str, method: &Method, path: &str) -> Option<Response<ProxyBody>> {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = &self.config;
+        jobs.answer(client, method, path, now, c.job_concurrency, c.job_duration)
+    }
+
+    fn reset_jobs(&self) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .reset();
     }
 
     fn latency(&self) -> Duration {
@@ -99,6 +116,7 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core::new(&config)),
+            jobs: Mutex::new(Jobs::default()),
             config,
             epoch: Instant::now(),
         });
@@ -130,6 +148,7 @@ impl Simulator {
     /// Empties every window and zeroes the counters, like `POST /sim/reset`; tokens stay valid.
     pub fn reset(&self) {
         self.shared.lock().0.reset();
+        self.shared.reset_jobs();
     }
 
     /// Stops accepting, lets requests in flight finish (briefly), and returns.
@@ -195,6 +214,7 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBod
         }
         "/sim/reset" if req.method() == Method::POST => {
             shared.lock().0.reset();
+            shared.reset_jobs();
             let mut resp = Response::new(answer::full(Bytes::new()));
             *resp.status_mut() = StatusCode::NO_CONTENT;
             resp
@@ -404,7 +424,9 @@ async fn api(shared: Arc<Shared>, req: Request<Incoming>) -> Response<ProxyBody>
                 },
             )
         }
-        (Some(_), _, None) => echo(method, path, shared.config.body_bytes),
+        (Some(id), _, None) => shared
+            .jobs(id, &parts.method, path)
+            .unwrap_or_else(|| echo(method, path, shared.config.body_bytes)),
     };
     if let Some(h) = headers.filter(|_| shared.config.rate_headers) {
         rate_headers(resp.headers_mut(), h);

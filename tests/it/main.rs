@@ -18,6 +18,7 @@ mod fuzz_replay;
 mod h2_abuse;
 mod health;
 mod hostile;
+mod jobs;
 mod kubernetes;
 mod limits;
 mod live_page;
