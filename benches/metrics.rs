@@ -46,12 +46,24 @@ fn label_sets(clients: usize, endpoints: usize) -> Vec<LabelSet> {
 
 /// The metric calls of one forwarded request, in pipeline order.
 fn one_request(m: &Metrics, l: &LabelSet) {
-    m.queue_wait(&l.upstream, "normal", black_box(0.0002));
+    m.queue_wait(&l.upstream, "normal", "crm-sync", black_box(0.0002));
     m.inflight(&l.upstream, &l.client, 1.0);
     m.upstream_duration(&l.upstream, black_box(0.012));
-    m.upstream_response(&l.upstream, &l.client, &l.endpoint, black_box(200));
+    m.upstream_response(
+        &l.upstream,
+        &l.client,
+        "crm-sync",
+        &l.endpoint,
+        black_box(200),
+    );
     m.inflight(&l.upstream, &l.client, -1.0);
-    m.request(&l.upstream, &l.client, &l.endpoint, Outcome::Forwarded);
+    m.request(
+        &l.upstream,
+        &l.client,
+        "crm-sync",
+        &l.endpoint,
+        Outcome::Forwarded,
+    );
 }
 
 fn bench(c: &mut Criterion) {

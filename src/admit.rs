@@ -30,7 +30,7 @@ use crate::adaptive::{Adaptive, Generation};
 use crate::answer::{BoxError, ProxyBody};
 use crate::deadline::{self, CallerMaxWait};
 use crate::error::{ErrorKind, ProxyError};
-use crate::identity::{Caller, Identified};
+use crate::identity::{App, Caller, Identified};
 use crate::limit::LayerKey;
 use crate::metrics::{InflightGauge, Metrics, RequestLabels};
 use crate::queue::{Admission, JobHold, Permit, Reservation};
@@ -86,6 +86,8 @@ pub struct Answering {
     /// The request's method, for what its answer may say (a job's `DELETE`).
     pub method: http::Method,
     pub caller: Caller,
+    /// The application that sent it.
+    pub app: App,
     /// The limiter keys the request was admitted under.
     pub layers: Vec<LayerKey>,
     /// The adaptive cut in force at admission, so that a 429 is judged against it.
@@ -153,8 +155,9 @@ impl Admit {
         req: Identified,
         labels: &mut RequestLabels,
     ) -> Result<Admitted, ProxyError> {
-        let (routed, caller, priority) = req.into_parts();
+        let (routed, caller, priority, app) = req.into_parts();
         labels.priority = Some(priority);
+        labels.app = Some(app.name().clone());
         let Routed {
             req,
             target,
@@ -173,6 +176,7 @@ impl Admit {
         let scale = self.adaptive.scale(&client_key);
         demand.rate_scale = scale.rate;
         demand.client_scale = scale.client;
+        demand.app = app.clone();
         labels.endpoint = Some(demand.endpoint.label.clone());
         let layers = demand.layers.clone();
         // The caller's own deadline (`x-pacer-max-wait`) lowers the route's, never raises it.
@@ -202,6 +206,7 @@ impl Admit {
         self.metrics.queue_wait(
             &upstream_name,
             priority.as_str(),
+            app.name(),
             reservation.waited().as_secs_f64(),
         );
         self.record_shadow(&reservation, &upstream_name, &caller.label, max_wait);
@@ -227,6 +232,7 @@ impl Admit {
                 route,
                 method,
                 caller,
+                app,
                 layers,
                 generation,
                 job,

@@ -57,7 +57,7 @@ impl ResponseForPanic for PanicAnswer {
             .unwrap_or("a panic without a message");
         tracing::error!(panic = what, "answering a request panicked; answered 500");
         self.metrics
-            .request("none", "unknown", "none", Outcome::Error);
+            .request("none", "unknown", "unknown", "none", Outcome::Error);
         answer::error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal.server.error",
@@ -108,7 +108,7 @@ mod tests {
         text.lines()
             .find_map(|l| {
                 l.strip_prefix(
-                    "pacer_requests_total{upstream=\"none\",client=\"unknown\",endpoint=\"none\",outcome=\"error\"} ",
+                    "pacer_requests_total{upstream=\"none\",client=\"unknown\",app=\"unknown\",endpoint=\"none\",outcome=\"error\"} ",
                 )
             })
             .map_or(0, |v| v.parse().unwrap())

@@ -123,6 +123,7 @@ impl Learn {
         self.metrics.upstream_response(
             &route.route.upstream_name,
             &caller.label,
+            sent.app.name(),
             endpoint,
             status.as_u16(),
         );

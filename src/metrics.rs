@@ -12,6 +12,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, Prometheu
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+pub mod apps;
 mod cache;
 #[cfg(test)]
 mod tests;
@@ -57,6 +58,8 @@ pub struct Metrics {
     cache: Caches,
     /// The last minutes' 429s, 401s, sheds and waits per client, for `/status`.
     recent: Recent,
+    /// Use per app within each client.
+    apps: apps::AppUse,
 }
 
 /// `pacer_inflight` of one upstream and client, resolved once: [`InflightGauge::up`] when a
@@ -109,6 +112,7 @@ impl Metrics {
             handle,
             cache: Caches::new(cap),
             recent: Recent::default(),
+            apps: apps::AppUse::default(),
         }
     }
 
@@ -129,24 +133,37 @@ impl Metrics {
     }
 
     /// `pacer_requests_total`: one per request, by what became of it.
-    pub fn request(&self, upstream: &str, client: &str, endpoint: &str, outcome: Outcome) {
+    pub fn request(
+        &self,
+        upstream: &str,
+        client: &str,
+        app: &str,
+        endpoint: &str,
+        outcome: Outcome,
+    ) {
         let register = || {
             self.counter(
                 "pacer_requests_total",
                 &[
                     ("upstream", upstream),
                     ("client", client),
+                    ("app", app),
                     ("endpoint", endpoint),
                     ("outcome", outcome.as_str()),
                 ],
             )
         };
         self.cache.requests.with(
-            [upstream, client, endpoint],
+            [upstream, client, app, endpoint],
             outcome as u16,
             register,
             |c| c.increment(1),
         );
+    }
+
+    /// Use per app within each client since start (see [`apps::AppUse`]).
+    pub fn apps(&self) -> &apps::AppUse {
+        &self.apps
     }
 
     /// The last minutes' events per client (see [`Recent`]).
@@ -155,7 +172,14 @@ impl Metrics {
     }
 
     /// `pacer_upstream_responses_total`: one per upstream answer, by status code.
-    pub fn upstream_response(&self, upstream: &str, client: &str, endpoint: &str, status: u16) {
+    pub fn upstream_response(
+        &self,
+        upstream: &str,
+        client: &str,
+        app: &str,
+        endpoint: &str,
+        status: u16,
+    ) {
         if status == 429 || status == 401 {
             self.recent
                 .record(upstream, client, Event::Upstream(status));
@@ -166,6 +190,7 @@ impl Metrics {
                 &[
                     ("upstream", upstream),
                     ("client", client),
+                    ("app", app),
                     ("endpoint", endpoint),
                     ("status", &status.to_string()),
                 ],
@@ -173,13 +198,13 @@ impl Metrics {
         };
         self.cache
             .responses
-            .with([upstream, client, endpoint], status, register, |c| {
+            .with([upstream, client, app, endpoint], status, register, |c| {
                 c.increment(1)
             });
     }
 
     /// `pacer_shed_total`: one per shed request, by reason.
-    pub fn shed(&self, upstream: &str, client: &str, reason: &str) {
+    pub fn shed(&self, upstream: &str, client: &str, app: &str, reason: &str) {
         self.recent.record(upstream, client, Event::Shed);
         let register = || {
             self.counter(
@@ -187,13 +212,16 @@ impl Metrics {
                 &[
                     ("upstream", upstream),
                     ("client", client),
+                    ("app", app),
                     ("reason", reason),
                 ],
             )
         };
         self.cache
             .shed
-            .with([upstream, client, reason], 0, register, |c| c.increment(1));
+            .with([upstream, client, app, reason], 0, register, |c| {
+                c.increment(1)
+            });
     }
 
     /// `pacer_rejected_total`: one per request pacer refused itself (400, 401, 403, 404,
@@ -245,16 +273,18 @@ impl Metrics {
     }
 
     /// `pacer_queue_wait_seconds`.
-    pub fn queue_wait(&self, upstream: &str, priority: &str, seconds: f64) {
+    pub fn queue_wait(&self, upstream: &str, priority: &str, app: &str, seconds: f64) {
         let register = || {
             self.histogram(
                 "pacer_queue_wait_seconds",
-                &[("upstream", upstream), ("priority", priority)],
+                &[("upstream", upstream), ("priority", priority), ("app", app)],
             )
         };
         self.cache
             .queue_wait
-            .with([upstream, priority], 0, register, |h| h.record(seconds));
+            .with([upstream, priority, app], 0, register, |h| {
+                h.record(seconds)
+            });
     }
 
     /// `pacer_shadow_shed_total`: a request a shadow limit (or pause) let through that
@@ -522,6 +552,8 @@ pub struct RequestLabels {
     /// The configured prefix of the request's route.
     pub route: Option<Arc<str>>,
     pub client: Option<Arc<str>>,
+    /// The application behind the caller (see [`crate::identity::app`]).
+    pub app: Option<Arc<str>>,
     pub endpoint: Option<Arc<str>>,
     pub priority: Option<crate::config::Priority>,
     /// Time held before sending: the queue and the counter store.
@@ -544,6 +576,11 @@ impl RequestLabels {
     /// The caller's label, or `unknown` before identification.
     pub fn client(&self) -> &str {
         self.client.as_deref().unwrap_or("unknown")
+    }
+
+    /// The caller's application, or `unknown` before identification.
+    pub fn app(&self) -> &str {
+        self.app.as_deref().unwrap_or("unknown")
     }
 
     /// The endpoint template, or `none` before classification.

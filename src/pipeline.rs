@@ -17,6 +17,7 @@ use crate::feedback::Learn;
 use crate::forward::Forward;
 use crate::guard::{Guard, Guarded};
 use crate::identity::{Identified, Identify};
+use crate::metrics::apps::AppCounts;
 use crate::metrics::{Metrics, Outcome, RequestLabels};
 use crate::route::{Access, Allowed, RouteTable, Routed};
 use crate::server::ConnInfo;
@@ -80,16 +81,33 @@ impl Pipeline {
         self.metrics.request(
             labels.upstream(),
             labels.client(),
+            labels.app(),
             labels.endpoint(),
             outcome,
         );
         let own_answer = result.is_err();
+        if let (Some(upstream), Some(client), Some(app)) =
+            (&labels.upstream, &labels.client, &labels.app)
+        {
+            let upstream_429 =
+                matches!(&result, Ok((r, _)) if r.status() == StatusCode::TOO_MANY_REQUESTS);
+            let add = AppCounts {
+                forwarded: u64::from(outcome == Outcome::Forwarded),
+                shed: u64::from(outcome == Outcome::Shed),
+                upstream_429: u64::from(upstream_429),
+            };
+            self.metrics.apps().record(upstream, client, app, add);
+        }
         let mut resp = match result {
             Ok((resp, _)) => resp,
             Err(e) => {
                 if let ErrorKind::Shed { reason, .. } = e.kind() {
-                    self.metrics
-                        .shed(labels.upstream(), labels.client(), reason.as_str());
+                    self.metrics.shed(
+                        labels.upstream(),
+                        labels.client(),
+                        labels.app(),
+                        reason.as_str(),
+                    );
                 }
                 tracing::debug!(
                     %method,
@@ -152,6 +170,7 @@ impl Pipeline {
         // Who is calling: the OAuth client behind the token, or the route's identity source.
         let req: Identified = self.identify.identify(req).await?;
         labels.client = Some(req.caller().label.clone());
+        labels.app = Some(req.app().name().clone());
         // Token broker: a repeated client-credentials token request gets the issued token.
         let (req, flight) = match self.broker.serve(req).await? {
             Brokered::Answered(resp) => return Ok((resp, Outcome::Cached)),

@@ -15,7 +15,7 @@ use crate::credential::{CredentialForward, Credentials};
 use crate::feedback::Learn;
 use crate::forward::{Forward, Upstream, UpstreamResolver, UpstreamSetupError};
 use crate::guard::Guard;
-use crate::identity::{Identify, Identity};
+use crate::identity::{Apps, Identify, Identity};
 use crate::limit::LimitSet;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -47,6 +47,8 @@ pub struct Proxy {
     pub config: Arc<Config>,
     pub upstreams: Vec<Arc<Upstream>>,
     pub identity: Arc<Identity>,
+    /// The applications behind the callers (see [`crate::identity::app`]).
+    pub apps: Arc<Apps>,
     pub admission: Admission,
     pub metrics: Arc<Metrics>,
     /// Rate cuts after upstream 429s (`[adaptive]`).
@@ -73,6 +75,7 @@ struct Parts {
     config: Arc<Config>,
     upstreams: Vec<Arc<Upstream>>,
     identity: Arc<Identity>,
+    apps: Arc<Apps>,
     admission: Admission,
     metrics: Arc<Metrics>,
     adaptive: Arc<Adaptive>,
@@ -97,9 +100,16 @@ impl Proxy {
         }
         let upstreams = build_upstreams(&config)?;
         // Routes may have changed: a new critical route lets keys learn the reserve.
+        // Learned apps carry over while the app settings stay: the label set stays bounded.
+        let apps = if same_apps(&old.config, &config) {
+            old.apps.clone()
+        } else {
+            Arc::new(new_apps(&config))
+        };
         let parts = Parts {
             upstreams: upstreams.clone(),
             identity: old.identity.clone(),
+            apps,
             admission: old.admission.clone(),
             metrics: old.metrics.clone(),
             adaptive: old.adaptive.clone(),
@@ -203,10 +213,12 @@ impl Proxy {
             (s.rate, s.client)
         }));
         let credentials = credentials(&config, &upstreams, &admission, &metrics, previous);
+        let apps = Arc::new(new_apps(&config));
         Proxy::assemble(Parts {
             config,
             upstreams,
             identity: Arc::new(identity),
+            apps,
             admission,
             metrics,
             adaptive,
@@ -235,7 +247,7 @@ impl Proxy {
             routes: RouteTable::new(&config.routes, names, &config.credentials)?,
             access: Access::new(trusted.clone()),
             buffer: BufferBody::new(server.buffer_body_bytes),
-            identify: Identify::new(p.identity.clone(), trusted.clone()),
+            identify: Identify::new(p.identity.clone(), trusted.clone(), p.apps.clone()),
             broker: Broker::new(p.broker.clone()),
             cache: CachePhase::new(cache.clone(), config.queue.max_wait.0),
             admit: Admit::new(
@@ -270,6 +282,7 @@ impl Proxy {
             config: p.config,
             upstreams: p.upstreams,
             identity: p.identity,
+            apps: p.apps,
             admission: p.admission,
             metrics: p.metrics,
             adaptive: p.adaptive,
@@ -344,4 +357,19 @@ fn build_upstreams(config: &Config) -> Result<Vec<Arc<Upstream>>, UpstreamSetupE
         .iter()
         .map(|u| Upstream::new(u, crate::server::worker_count(config.server.workers)).map(Arc::new))
         .collect()
+}
+
+/// The apps of a configuration, none learned yet.
+fn new_apps(config: &Config) -> Apps {
+    Apps::new(&config.identity, &config.apps, config.server.app.as_deref())
+}
+
+/// True when two configurations name and bound apps alike.
+fn same_apps(a: &Config, b: &Config) -> bool {
+    let (x, y) = (&a.identity, &b.identity);
+    a.apps == b.apps
+        && a.server.app == b.server.app
+        && x.app_header == y.app_header
+        && x.max_apps == y.max_apps
+        && x.forward_app_header == y.forward_app_header
 }

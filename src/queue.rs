@@ -1,6 +1,8 @@
 //! Admission with waiting: a request that fits is reserved at once; one that will fit
-//! within `max_wait` waits in a FIFO per priority; one that will not is shed at once with
-//! a truthful `Retry-After`.
+//! within `max_wait` waits in its priority class, where each caller's apps take turns by
+//! weight (see [`fair`]); one that will not is shed at once with a truthful `Retry-After`,
+//! predicted from its place in that fair order. Fairness is per replica: with Redis state
+//! each replica orders its own waiters.
 //!
 //! The queue is always local, whatever [`Backend`] holds the counters: a replica queues its
 //! own callers and retries admission at the predicted time, never by polling.
@@ -12,6 +14,7 @@
 //! pauses, when to try again) and `reservation` (what an admitted request holds, its
 //! commit, refund and release).
 
+mod fair;
 pub mod jobs;
 mod reservation;
 mod schedule;
@@ -26,6 +29,7 @@ use crate::limit::{BlockKind, Blocked, Demand, LayerKey, LimitSet};
 use crate::reserve::{CriticalSources, Reserve};
 use crate::shadow::ShadowBook;
 use crate::state::{Backend, BackendStatus, Clock, Grant, LocalBackend};
+use fair::pace;
 use reservation::ceil_secs;
 use schedule::{jitter, schedule, State, WaiterGuard};
 use std::collections::HashMap;
@@ -350,9 +354,15 @@ impl Admission {
         let now = shared.clock.now();
         demand.reserved = shared.reserve_for(&demand, now);
         let demand = Arc::new(demand);
-        let (paused, ahead) = {
+        let paced = pace(&shared.set, &demand);
+        let (paused, ahead, spaced) = {
             let state = shared.lock();
-            (state.paused_until(&pause, now), state.ahead(&demand))
+            let spaced = paced.and_then(|p| Some((state.fair.held(&pause, now, p)?, p.0)));
+            (
+                state.paused_until(&pause, now),
+                state.ahead(&demand, &pause),
+                spaced,
+            )
         };
         let (paused, shadow_pause) = shared.split_pause(paused, now);
         if let Some(until) = paused {
@@ -364,10 +374,22 @@ impl Admission {
                 });
             }
         }
-        let blocked = match paused {
-            Some(_) => None,
-            None => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
+        let blocked = match (paused, spaced) {
+            (Some(_), _) => None,
+            // Its caller's apps take turns and the next is not due: it waits its turn, about
+            // one interval per waiter before it in the fair order.
+            (None, Some((until, interval))) => {
+                Some(in_turn(&demand, &ahead, until - now, interval))
+            }
+            (None, None) => match shared.take(demand.clone(), ahead, pause.as_ref()).await {
                 Ok((grant, jobs)) => {
+                    if let Some((_, window)) = paced {
+                        let at = shared.clock.now();
+                        shared
+                            .lock()
+                            .fair
+                            .sent(&pause, &demand.app, at, window, shared.max_keys);
+                    }
                     // Admitted at once, but the counter store may have taken its time
                     // (Redis): the wait is everything pacer held the request for.
                     return Ok(
@@ -400,7 +422,7 @@ impl Admission {
                 });
             }
             let not_before = paused.map_or(0, |until| until + jitter(until - now));
-            state.enqueue(demand, pause, not_before, blocked)
+            state.enqueue(demand, pause, not_before, blocked, now)
         };
         shared.wake.notify_one();
 
@@ -523,6 +545,20 @@ fn shared_pause_name(key: &PauseKey) -> String {
     format!("{}:{}", key.0, key.1)
 }
 
+/// What holds back a request whose caller's apps take turns: its per-client layer, for
+/// `first` until the next turn and one `interval` per request `ahead` of it there.
+fn in_turn(demand: &Demand, ahead: &[u64], first: Nanos, interval: Nanos) -> Blocked {
+    let i = demand.client_layer.unwrap_or(0);
+    let before = ahead.get(i).copied().unwrap_or(0);
+    Blocked {
+        kind: match demand.layers.get(i) {
+            Some(layer) => BlockKind::Layer(layer.clone()),
+            None => BlockKind::Unanswered,
+        },
+        wait: Some(first.saturating_add(interval.saturating_mul(before))),
+    }
+}
+
 /// Why a refusal happened: the upstream's pause, else `otherwise`.
 fn shed_reason(b: &Blocked, otherwise: ShedReason) -> ShedReason {
     match b.kind {
@@ -554,3 +590,6 @@ fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fair_tests;

@@ -26,6 +26,8 @@ pub struct Route {
     pub inbound_auth: Option<(http::HeaderName, Vec<Secret>)>,
     pub allow_cidrs: Vec<Cidr>,
     pub max_wait: Option<Duration>,
+    /// `app`: the application of requests that name none in the app header.
+    pub app: Option<Arc<str>>,
     /// `credential = "NAME"`: pacer's own token goes upstream in place of the caller's.
     pub credential: Option<RouteCredential>,
 }
@@ -122,6 +124,7 @@ impl RouteTable {
                 allow_cidrs: c.allow_cidrs.clone(),
                 max_wait: c.max_wait.map(|d| d.0),
                 credential,
+                app: c.app.as_deref().map(Arc::from),
             }));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));

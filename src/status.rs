@@ -123,6 +123,15 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
             "minutes": crate::recent::MINUTES,
             "clients": proxy.metrics.recent().snapshot(),
         },
+        "apps": {
+            "learned": proxy.apps.learned(),
+            "max_learned": proxy.config.identity.max_apps,
+            "named": proxy.config.apps.iter().map(|a| serde_json::json!({
+                "name": a.name,
+                "weight": a.weight,
+            })).collect::<Vec<_>>(),
+            "use": proxy.metrics.apps().snapshot(),
+        },
     })
 }
 

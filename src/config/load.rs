@@ -17,6 +17,7 @@ const SECTIONS: &[&str] = &[
     "cache",
     "cache_settings",
     "credential",
+    "app",
 ];
 
 /// Environment variable that overrides `[log] format`.
@@ -65,6 +66,7 @@ impl Config {
                 "upstream" => config.upstreams = array(value, "upstream", &mut errors),
                 "route" => config.routes = array(value, "route", &mut errors),
                 "client" => config.clients = array(value, "client", &mut errors),
+                "app" => config.apps = array(value, "app", &mut errors),
                 "limit" => config.limits = array(value, "limit", &mut errors),
                 "credential" => config.credentials = array(value, "credential", &mut errors),
                 other => errors.push(ConfigError {
@@ -84,6 +86,7 @@ impl Config {
             }
         }
         config.validate(&mut errors);
+        config.validate_apps(&mut errors);
         config.resolve_egress(lookup, &mut errors);
         if errors.is_empty() {
             config.limits = presets::with_preset_limits(&config.upstreams, config.limits);

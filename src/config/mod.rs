@@ -3,6 +3,7 @@
 //! Every mistake is reported with its key path (`upstream[1].url: relative URL "api"`), all
 //! of them at once, so one `pacer check-config` run shows everything to fix.
 
+mod apps;
 mod cache;
 mod egress;
 mod env;
@@ -11,6 +12,7 @@ mod presets;
 mod types;
 mod validate;
 
+pub use apps::{app_name_ok, AppConfig, MAX_APP_NAME};
 pub use cache::{CacheConfig, CacheSettings, CacheShare};
 pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
@@ -76,6 +78,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub identity: IdentityConfig,
     pub clients: Vec<ClientConfig>,
+    /// `[[app]]`: applications named ahead of time, with their weights.
+    pub apps: Vec<AppConfig>,
     /// Limits as written plus those the upstreams' presets add.
     pub limits: Vec<LimitConfig>,
     pub queue: QueueConfig,
@@ -296,6 +300,9 @@ pub struct ServerConfig {
     /// Shadow mode for every limit and for upstream pauses: decide and count, never queue
     /// or shed (see [`crate::shadow`]).
     pub shadow: bool,
+    /// The one application this pacer serves (a sidecar): the app of every request that
+    /// names none in its header or route.
+    pub app: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -323,6 +330,7 @@ impl Default for ServerConfig {
             http2_keep_alive_timeout: Dur::secs(20),
             http2_max_pending_accept_reset_streams: 50,
             shadow: false,
+            app: None,
         }
     }
 }
@@ -396,6 +404,9 @@ pub struct RouteConfig {
     /// `inbound_auth` and/or `allow_cidrs`.
     #[serde(default)]
     pub credential: Option<String>,
+    /// The application of requests on this route that name none in the app header.
+    #[serde(default)]
+    pub app: Option<String>,
 }
 
 /// `inbound_auth = { header, keys }` on a route.
@@ -451,6 +462,12 @@ pub struct IdentityConfig {
     pub token_cache: bool,
     /// A cached token is handed out only while it has at least this long left.
     pub token_cache_margin: Dur,
+    /// Request header naming the calling application (see [`crate::identity::app`]).
+    pub app_header: String,
+    /// Apps learned from callers at most, besides `[[app]]`; the rest count as `other`.
+    pub max_apps: usize,
+    /// Send the app header upstream too (removed by default).
+    pub forward_app_header: bool,
 }
 
 impl Default for IdentityConfig {
@@ -463,6 +480,9 @@ impl Default for IdentityConfig {
             token_ttl: Dur::secs(24 * 3600),
             token_cache: false,
             token_cache_margin: Dur::secs(300),
+            app_header: "x-pacer-app".into(),
+            max_apps: 100,
+            forward_app_header: false,
         }
     }
 }

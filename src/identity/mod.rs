@@ -456,7 +456,9 @@ impl Identity {
     }
 }
 
+pub mod app;
 mod phase;
+pub use app::{App, Apps};
 pub use phase::{is_token_path, Identified, Identify};
 
 #[cfg(test)]

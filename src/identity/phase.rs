@@ -17,6 +17,7 @@ pub struct Identified {
     routed: Routed,
     caller: Caller,
     priority: Priority,
+    app: App,
 }
 
 impl Identified {
@@ -40,9 +41,14 @@ impl Identified {
         self.priority
     }
 
+    /// The application behind the caller (see [`app`](super::app)).
+    pub fn app(&self) -> &App {
+        &self.app
+    }
+
     /// The parts, for the admission phase.
-    pub(crate) fn into_parts(self) -> (Routed, Caller, Priority) {
-        (self.routed, self.caller, self.priority)
+    pub(crate) fn into_parts(self) -> (Routed, Caller, Priority, App) {
+        (self.routed, self.caller, self.priority, self.app)
     }
 }
 
@@ -51,15 +57,17 @@ impl Identified {
 pub struct Identify {
     identity: Arc<Identity>,
     trusted_proxies: Arc<[Cidr]>,
+    apps: Arc<Apps>,
 }
 
 impl Identify {
     /// Identifies callers with `identity`, believing `X-Forwarded-For` from
-    /// `trusted_proxies` only.
-    pub fn new(identity: Arc<Identity>, trusted_proxies: Arc<[Cidr]>) -> Self {
+    /// `trusted_proxies` only, and their applications among `apps`.
+    pub fn new(identity: Arc<Identity>, trusted_proxies: Arc<[Cidr]>, apps: Arc<Apps>) -> Self {
         Identify {
             identity,
             trusted_proxies,
+            apps,
         }
     }
 
@@ -101,10 +109,15 @@ impl Identify {
         }
         let priority = Identity::priority(route.priority, &caller, r.req.headers());
         r.req.headers_mut().remove("x-pacer-priority");
+        let app = self
+            .apps
+            .resolve(r.req.headers(), r.route.route.app.as_deref());
+        self.apps.strip(r.req.headers_mut());
         Ok(Identified {
             routed: r,
             caller,
             priority,
+            app,
         })
     }
 }

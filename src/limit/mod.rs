@@ -205,6 +205,7 @@ impl LimitSet {
             rate_scale: 1.0,
             client_scale: 1.0,
             client_layer,
+            app: crate::identity::App::unknown(),
         }
     }
 
@@ -265,6 +266,9 @@ pub struct Demand {
     /// Per layer: true when its key keeps the critical reserve, so normal and bulk stop
     /// short of it (see [`crate::reserve`]).
     pub reserved: Vec<bool>,
+    /// The application that sent it: waiting requests of one caller are admitted across
+    /// its apps in turn, by weight (see [`crate::queue`]).
+    pub app: crate::identity::App,
 }
 
 impl Demand {

@@ -5,13 +5,13 @@ use std::sync::OnceLock;
 
 /// Label sets whose handles are kept, per family (powers of two). Label values reaching
 /// [`super::Metrics`] are bounded already (configured upstreams, endpoint templates, at most a few
-/// hundred client labels, enums), so these are rarely full; a label set that finds no slot
+/// hundred client labels, the bounded app names, enums), so these are rarely full; a label set that finds no slot
 /// is recorded through the registry as before: the same result, only slower.
-const REQUEST_SLOTS: usize = 4096;
-const RESPONSE_SLOTS: usize = 4096;
+const REQUEST_SLOTS: usize = 8192;
+const RESPONSE_SLOTS: usize = 8192;
 const SHED_SLOTS: usize = 1024;
 const INFLIGHT_SLOTS: usize = 1024;
-const QUEUE_WAIT_SLOTS: usize = 256;
+const QUEUE_WAIT_SLOTS: usize = 1024;
 const DURATION_SLOTS: usize = 64;
 const REJECTED_SLOTS: usize = 256;
 const SHADOW_SLOTS: usize = 1024;
@@ -21,11 +21,11 @@ const PROBES: usize = 8;
 
 /// The handle caches of one [`super::Metrics`].
 pub(super) struct Caches {
-    pub(super) requests: HandleCache<metrics::Counter, 3>,
-    pub(super) responses: HandleCache<metrics::Counter, 3>,
-    pub(super) shed: HandleCache<metrics::Counter, 3>,
+    pub(super) requests: HandleCache<metrics::Counter, 4>,
+    pub(super) responses: HandleCache<metrics::Counter, 4>,
+    pub(super) shed: HandleCache<metrics::Counter, 4>,
     pub(super) inflight: HandleCache<metrics::Gauge, 2>,
-    pub(super) queue_wait: HandleCache<metrics::Histogram, 2>,
+    pub(super) queue_wait: HandleCache<metrics::Histogram, 3>,
     pub(super) duration: HandleCache<metrics::Histogram, 1>,
     pub(super) rejected: HandleCache<metrics::Counter, 2>,
     pub(super) shadow_shed: HandleCache<metrics::Counter, 3>,

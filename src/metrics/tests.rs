@@ -5,10 +5,10 @@ use super::*;
 #[test]
 fn renders_counters_and_gauges() {
     let m = Metrics::new();
-    m.request("api", "ivr", "GET /x", Outcome::Forwarded);
-    m.request("api", "ivr", "GET /x", Outcome::Forwarded);
-    m.upstream_response("api", "ivr", "GET /x", 429);
-    m.queue_wait("api", "normal", 0.02);
+    m.request("api", "ivr", "export", "GET /x", Outcome::Forwarded);
+    m.request("api", "ivr", "export", "GET /x", Outcome::Forwarded);
+    m.upstream_response("api", "ivr", "export", "GET /x", 429);
+    m.queue_wait("api", "normal", "export", 0.02);
     let text = m.render(&[Gauge {
         name: "pacer_queue_depth",
         help: "Requests waiting.",
@@ -17,7 +17,7 @@ fn renders_counters_and_gauges() {
             3.0,
         )],
     }]);
-    assert!(text.contains("pacer_requests_total{upstream=\"api\",client=\"ivr\",endpoint=\"GET /x\",outcome=\"forwarded\"} 2"), "{text}");
+    assert!(text.contains("pacer_requests_total{upstream=\"api\",client=\"ivr\",app=\"export\",endpoint=\"GET /x\",outcome=\"forwarded\"} 2"), "{text}");
     assert!(text.contains("status=\"429\"} 1"), "{text}");
     assert!(text.contains("pacer_queue_wait_seconds_bucket"), "{text}");
     assert!(
@@ -38,19 +38,19 @@ fn record_traffic(m: &Metrics) {
             for (e, endpoint) in endpoints.iter().enumerate() {
                 // Client `ivr` sends one more request per endpoint each round, and so on.
                 for _ in 0..=c {
-                    m.queue_wait("api", "normal", 0.002 * f64::from(round));
+                    m.queue_wait("api", "normal", "app", 0.002 * f64::from(round));
                     m.inflight("api", client, 1.0);
                     m.upstream_duration("api", 0.05);
                     let status = if e == 1 && round == 4 { 429 } else { 200 };
-                    m.upstream_response("api", client, endpoint, status);
+                    m.upstream_response("api", client, "app", endpoint, status);
                     m.inflight("api", client, -1.0);
-                    m.request("api", client, endpoint, Outcome::Forwarded);
+                    m.request("api", client, "app", endpoint, Outcome::Forwarded);
                 }
             }
         }
-        m.request("auth", "unknown", "none", Outcome::Rejected);
-        m.shed("api", "crm", "queue_full");
-        m.request("api", "crm", endpoints[0], Outcome::Shed);
+        m.request("auth", "unknown", "unknown", "none", Outcome::Rejected);
+        m.shed("api", "crm", "app", "queue_full");
+        m.request("api", "crm", "app", endpoints[0], Outcome::Shed);
     }
     // Held across the rest: the gauge stays up by one.
     m.inflight_gauge("api", "ivr").up();
@@ -105,7 +105,7 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(m.cache.inflight.len(), 3);
     let text = m.render(&[]);
     let req = |c: &str, e: &str, o: &str| {
-        format!("pacer_requests_total{{upstream=\"api\",client=\"{c}\",endpoint=\"{e}\",outcome=\"{o}\"}}")
+        format!("pacer_requests_total{{upstream=\"api\",client=\"{c}\",app=\"app\",endpoint=\"{e}\",outcome=\"{o}\"}}")
     };
     let users = "GET /api/v2/users/{userId}";
     let ivrs = "PUT /api/v2/architect/ivrs/{ivrId}";
@@ -132,13 +132,13 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(
         sample(
             &text,
-            "pacer_requests_total{upstream=\"auth\",client=\"unknown\",endpoint=\"none\",outcome=\"rejected\"}"
+            "pacer_requests_total{upstream=\"auth\",client=\"unknown\",app=\"unknown\",endpoint=\"none\",outcome=\"rejected\"}"
         ),
         Some(5.0),
         "{text}"
     );
     let resp = |c: &str, e: &str, s: u16| {
-        format!("pacer_upstream_responses_total{{upstream=\"api\",client=\"{c}\",endpoint=\"{e}\",status=\"{s}\"}}")
+        format!("pacer_upstream_responses_total{{upstream=\"api\",client=\"{c}\",app=\"app\",endpoint=\"{e}\",status=\"{s}\"}}")
     };
     assert_eq!(
         sample(&text, &resp("other", ivrs, 200)),
@@ -155,7 +155,7 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(
         sample(
             &text,
-            "pacer_shed_total{upstream=\"api\",client=\"crm\",reason=\"queue_full\"}"
+            "pacer_shed_total{upstream=\"api\",client=\"crm\",app=\"app\",reason=\"queue_full\"}"
         ),
         Some(5.0),
         "{text}"
@@ -174,7 +174,7 @@ fn cached_handles_render_the_counts_of_every_label_set() {
     assert_eq!(
         sample(
             &text,
-            "pacer_queue_wait_seconds_count{upstream=\"api\",priority=\"normal\"}"
+            "pacer_queue_wait_seconds_count{upstream=\"api\",priority=\"normal\",app=\"app\"}"
         ),
         Some(60.0),
         "{text}"
@@ -213,7 +213,7 @@ fn concurrent_recording_through_the_cache_loses_no_count() {
                 for i in 0..2000 {
                     // Shared label sets, and more of them than the cache has slots.
                     let client = format!("c{}", (i + t) % 24);
-                    m.request("api", &client, "GET /x", Outcome::Forwarded);
+                    m.request("api", &client, "app", "GET /x", Outcome::Forwarded);
                 }
             })
         })
@@ -226,7 +226,7 @@ fn concurrent_recording_through_the_cache_loses_no_count() {
         .filter_map(|c| {
             sample(
                 &text,
-                &format!("pacer_requests_total{{upstream=\"api\",client=\"c{c}\",endpoint=\"GET /x\",outcome=\"forwarded\"}}"),
+                &format!("pacer_requests_total{{upstream=\"api\",client=\"c{c}\",app=\"app\",endpoint=\"GET /x\",outcome=\"forwarded\"}}"),
             )
         })
         .sum();

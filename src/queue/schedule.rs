@@ -1,8 +1,10 @@
 //! Scheduling: who waits, in what order, and when to look again. Waiters queue per
-//! priority class in arrival order; one task admits them whenever room may have appeared (a
+//! priority class, each caller's in the fair order of its apps (see [`super::fair`]) and
+//! callers in arrival order; one task admits them whenever room may have appeared (a
 //! release or refund, a new waiter, or the earliest time a blocked layer opens), predicted
 //! from what blocked them, never by polling; upstream pauses hold them back.
 
+use super::fair::{pace, Fair};
 use super::reservation::Reservation;
 use super::{PauseKey, Shared};
 use crate::limit::window::Nanos;
@@ -21,6 +23,8 @@ pub(super) struct Waiter {
     pause: Option<PauseKey>,
     /// Not admitted before this (pause end plus jitter).
     not_before: Nanos,
+    /// Its place in its caller's fair order.
+    tag: f64,
     /// Requests with the same signature are blocked by the same thing.
     signature: u64,
     /// What blocked it last, for the answer if it times out.
@@ -31,8 +35,10 @@ pub(super) struct Waiter {
 /// The queue's bookkeeping, behind the controller's lock.
 #[derive(Default)]
 pub(super) struct State {
-    /// Waiters by (priority, arrival): iteration order is admission order.
+    /// Waiters by (priority, arrival).
     waiters: BTreeMap<(usize, u64), Waiter>,
+    /// The order they are admitted in: per caller, across its apps in turn.
+    pub(super) fair: Fair,
     /// Waiting requests per layer and class.
     waiting: HashMap<LayerKey, [u64; 3]>,
     /// Waiting requests per priority class.
@@ -45,8 +51,11 @@ pub(super) struct State {
 }
 
 impl State {
-    fn remove_waiter(&mut self, key: (usize, u64)) -> Option<Waiter> {
+    /// Takes a waiter out of the queue; `admitted` when it leaves with a reservation.
+    fn remove_waiter(&mut self, key: (usize, u64), admitted: bool) -> Option<Waiter> {
         let w = self.waiters.remove(&key)?;
+        self.fair
+            .remove(&w.pause, key.0, key.1, w.tag, &w.demand, admitted);
         for layer in &w.demand.layers {
             if let Some(c) = self.waiting.get_mut(layer) {
                 c[key.0] = c[key.0].saturating_sub(1);
@@ -88,13 +97,24 @@ impl State {
         (until > now).then_some(until)
     }
 
-    /// Waiting requests of the same or higher priority, per layer of `demand`.
-    pub(super) fn ahead(&self, demand: &Demand) -> Vec<u64> {
+    /// Waiting requests admitted before `demand` would be, per layer of `demand`: those of
+    /// higher priority, other callers' of its priority, and its caller's that go before it
+    /// in the fair order of its apps (not every waiter of its class: a modest app's request
+    /// behind a runaway app's backlog is not shed for the backlog's sake).
+    pub(super) fn ahead(&self, demand: &Demand, pause: &Option<PauseKey>) -> Vec<u64> {
         let top = demand.priority.index();
+        let in_turn = self.fair.ahead_in_turn(pause, demand);
         demand
             .layers
             .iter()
-            .map(|l| self.waiting.get(l).map_or(0, |c| c[..=top].iter().sum()))
+            .zip(in_turn)
+            .map(|(l, (before, mine))| {
+                let Some(c) = self.waiting.get(l) else {
+                    return 0;
+                };
+                let higher: u64 = c[..top].iter().sum();
+                higher + c[top].saturating_sub(mine) + before
+            })
             .collect()
     }
 
@@ -120,6 +140,7 @@ impl State {
         pause: Option<PauseKey>,
         not_before: Nanos,
         blocked: Option<Blocked>,
+        now: Nanos,
     ) -> (oneshot::Receiver<Reservation>, (usize, u64)) {
         let (tx, rx) = oneshot::channel();
         self.seq += 1;
@@ -130,12 +151,14 @@ impl State {
         self.depth[key.0] += 1;
         self.depth_by_upstream.entry(demand.upstream).or_default()[key.0] += 1;
         let signature = signature(&demand, &pause);
+        let tag = self.fair.enqueue(&pause, key.0, key.1, &demand, now);
         self.waiters.insert(
             key,
             Waiter {
                 demand,
                 pause,
                 not_before,
+                tag,
                 signature,
                 last_blocked: blocked,
                 tx,
@@ -145,7 +168,7 @@ impl State {
     }
 }
 
-/// Admits waiters in priority then arrival order whenever room may have appeared: on a
+/// Admits waiters in priority then fair order whenever room may have appeared: on a
 /// release or refund, a new waiter, or the earliest time a blocked layer opens.
 pub(super) async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
     let mut last_sweep = Instant::now();
@@ -157,7 +180,11 @@ pub(super) async fn schedule(shared: Weak<Shared>, wake: Arc<Notify>) {
             if last_sweep.elapsed() > Duration::from_secs(10) {
                 shared.backend.sweep();
                 let now = shared.clock.now();
-                shared.lock().pauses.retain(|_, until| *until > now);
+                {
+                    let mut state = shared.lock();
+                    state.pauses.retain(|_, until| *until > now);
+                    state.fair.prune(now, 60_000_000_000);
+                }
                 shared.reserve.prune(now);
                 shared.jobs.lock().sweep(now);
                 last_sweep = Instant::now();
@@ -195,28 +222,40 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
             .map(|(k, _)| *k)
             .collect();
         for key in closed {
-            state.remove_waiter(key);
+            state.remove_waiter(key, false);
         }
-        state
-            .waiters
-            .iter()
-            .map(|(key, w)| Candidate {
-                key: *key,
-                signature: w.signature,
-                demand: w.demand.clone(),
-                pause: w.pause.clone(),
-                not_before: w.not_before,
+        let order: Vec<(usize, u64)> = (0..3).flat_map(|class| state.fair.order(class)).collect();
+        order
+            .into_iter()
+            .filter_map(|key| {
+                let w = state.waiters.get(&key)?;
+                Some(Candidate {
+                    key,
+                    signature: w.signature,
+                    demand: w.demand.clone(),
+                    pause: w.pause.clone(),
+                    not_before: w.not_before,
+                })
             })
             .collect()
     };
     let mut next: Option<Nanos> = None;
     let mut soonest = |t: Nanos| next = Some(next.map_or(t, |n: Nanos| n.min(t)));
     let mut blocked: HashSet<u64> = HashSet::new();
+    // Callers whose apps take turns and whose next turn is not yet due.
+    let mut spaced: HashSet<Option<PauseKey>> = HashSet::new();
     for c in candidates {
-        if blocked.contains(&c.signature) {
+        if blocked.contains(&c.signature) || spaced.contains(&c.pause) {
             continue;
         }
         let now = shared.clock.now();
+        let held =
+            pace(&shared.set, &c.demand).and_then(|p| shared.lock().fair.held(&c.pause, now, p));
+        if let Some(until) = held {
+            soonest(until);
+            spaced.insert(c.pause.clone());
+            continue;
+        }
         let paused = shared.lock().paused_until(&c.pause, now);
         let (paused, shadow_pause) = shared.split_pause(paused, now);
         let not_before = paused.unwrap_or(0).max(c.not_before);
@@ -229,7 +268,15 @@ async fn drain(shared: &Arc<Shared>) -> Option<Nanos> {
         let demand = shared.redecide(c.demand.clone(), now);
         match shared.take(demand, zeros, c.pause.as_ref()).await {
             Ok((grant, jobs)) => {
-                let waiter = shared.lock().remove_waiter(c.key);
+                let waiter = {
+                    let mut state = shared.lock();
+                    if let Some((_, window)) = pace(&shared.set, &c.demand) {
+                        state
+                            .fair
+                            .sent(&c.pause, &c.demand.app, now, window, shared.max_keys);
+                    }
+                    state.remove_waiter(c.key, true)
+                };
                 let reservation = Reservation::new(shared.clone(), grant, jobs, Duration::ZERO)
                     .with_pause(c.pause.as_ref(), shadow_pause);
                 // A caller that left meanwhile drops it here, outside the lock: refunded.
@@ -282,7 +329,7 @@ impl WaiterGuard {
     /// Removes the waiter now, with what blocked it last.
     pub(super) fn take(&mut self) -> Option<Waiter> {
         let key = self.key.take()?;
-        let removed = self.shared.lock().remove_waiter(key);
+        let removed = self.shared.lock().remove_waiter(key, false);
         removed
     }
 }

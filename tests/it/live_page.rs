@@ -20,6 +20,8 @@ const TEST_LIMIT: Duration = Duration::from_secs(90);
 const IVR_NAME: &str = "IVR <b>Data</b> Actions";
 const IVR_NAME_AS_TEXT: &str = "IVR &lt;b&gt;Data&lt;/b&gt; Actions";
 const BULK_NAME: &str = "nightly-bulk-export";
+/// The app behind the bulk client (`x-pacer-app`).
+const BULK_APP: &str = "lp-export-worker";
 const CLIENT_LIMIT: &str = "lp-client-quota";
 const ENDPOINT_LIMIT: &str = "lp-users-endpoint";
 
@@ -68,7 +70,7 @@ async fn send_traffic(proxy: SocketAddr) {
     };
     let mut statuses = Vec::new();
     for _ in 0..5 {
-        statuses.push(get("bulk-job", &[]).await.status);
+        statuses.push(get("bulk-job", &[("x-pacer-app", BULK_APP)]).await.status);
     }
     assert_eq!(
         statuses,
@@ -123,6 +125,17 @@ async fn status_shows_each_clients_recent_sheds_upstream_answers_and_limits() {
             .unwrap_or_else(|| panic!("no {ENDPOINT_LIMIT} key: {status}"));
         assert_eq!(endpoint["client"], serde_json::Value::Null, "{status}");
         assert_eq!(endpoint["endpoint"], "GET /api/v2/users/{userId}");
+        let apps = status["apps"]["use"].as_array().expect("apps");
+        let app = apps
+            .iter()
+            .find(|a| a["app"] == BULK_APP)
+            .unwrap_or_else(|| panic!("no use of {BULK_APP}: {status}"));
+        assert_eq!(app["client"], BULK_NAME, "{status}");
+        assert_eq!(
+            (app["forwarded"].as_u64(), app["shed"].as_u64()),
+            (Some(3), Some(2))
+        );
+        assert_eq!(app["share"], 1.0, "{status}");
         let pause = &status["pauses"][0];
         assert_eq!(pause["label"], IVR_NAME, "{status}");
         assert_eq!(status["queue_by_upstream"]["up"]["bulk"], 0, "{status}");
@@ -190,7 +203,7 @@ async fn headless_chromium_renders_client_and_limit_names_from_status() {
         let admin_addr = pacer.admin_addr.expect("admin listener");
         // The names are not in the page itself: only its script can put them there.
         let raw = TestClient::http1(admin_addr).get("/", &[]).await.text();
-        for name in [BULK_NAME, "IVR", CLIENT_LIMIT, ENDPOINT_LIMIT] {
+        for name in [BULK_NAME, "IVR", CLIENT_LIMIT, ENDPOINT_LIMIT, BULK_APP] {
             assert!(!raw.contains(name), "{name} already in the served HTML");
         }
         let profile = unique_temp_dir("chromium");
@@ -230,6 +243,7 @@ async fn headless_chromium_renders_client_and_limit_names_from_status() {
             IVR_NAME_AS_TEXT,
             CLIENT_LIMIT,
             ENDPOINT_LIMIT,
+            BULK_APP,
             "shed by pacer: 2",
             "upstream 429: 1",
             "upstream 401: 1",

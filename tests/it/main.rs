@@ -7,6 +7,7 @@
 mod support;
 
 mod access_log;
+mod apps;
 mod broker;
 mod cache;
 mod cli;

@@ -20,13 +20,13 @@ use std::process::{Command, Output};
 const CONTRACT: &[(&str, &[&str])] = &[
     (
         "pacer_requests_total",
-        &["upstream", "client", "endpoint", "outcome"],
+        &["upstream", "client", "app", "endpoint", "outcome"],
     ),
     (
         "pacer_upstream_responses_total",
-        &["upstream", "client", "endpoint", "status"],
+        &["upstream", "client", "app", "endpoint", "status"],
     ),
-    ("pacer_shed_total", &["upstream", "client", "reason"]),
+    ("pacer_shed_total", &["upstream", "client", "app", "reason"]),
     ("pacer_queue_depth", &["upstream", "priority"]),
     ("pacer_queue_wait_seconds", &[]),
     ("pacer_inflight", &["upstream", "client"]),
