@@ -357,6 +357,7 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, peer: IpAddr, tls: bool,
 }
 
 /// The forwarding phase: an admitted request goes to its upstream.
+#[derive(Clone)]
 pub struct Forward {
     upstreams: Vec<Arc<Upstream>>,
     trusted_proxies: Arc<[Cidr]>,

@@ -16,6 +16,7 @@ pub mod answer;
 pub mod app;
 pub mod broker;
 mod buffer;
+pub mod cache;
 pub mod config;
 pub mod credential;
 mod deadline;

@@ -30,7 +30,8 @@ const BUCKETS: &[f64] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Forwarded,
-    /// Answered by the token broker without the upstream.
+    /// Answered without the upstream: by the token broker, or from the response cache
+    /// (a kept copy or a coalesced answer).
     Cached,
     Shed,
     Rejected,
@@ -241,6 +242,18 @@ impl Metrics {
             .with([upstream, route], status, register, |c| c.increment(1));
     }
 
+    /// `pacer_cache_lookups_total`: one per request matching a `[[cache]]` entry (the
+    /// entry's template), by result: `hit`, `coalesced` or `miss`.
+    pub fn cache_lookup(&self, entry: &str, result: &str) {
+        // Only requests under a `[[cache]]` entry: the registry's look-up is cheap beside
+        // the upstream call most of them save.
+        self.counter(
+            "pacer_cache_lookups_total",
+            &[("entry", entry), ("result", result)],
+        )
+        .increment(1);
+    }
+
     /// `pacer_credential_exchanges_total`: token exchanges pacer made for a configured
     /// `[[credential]]` (a bounded set of names), by `result` (`ok` or `error`).
     pub fn credential_exchange(&self, credential: &str, ok: bool) {
@@ -405,6 +418,11 @@ fn describe(recorder: &PrometheusRecorder) {
         name("pacer_rejected_total"),
         None,
         text("Requests pacer refused itself (400, 401, 403, 404, 405, 413, 414, 431), by upstream, route prefix and status."),
+    );
+    recorder.describe_counter(
+        name("pacer_cache_lookups_total"),
+        None,
+        text("Requests matching a [[cache]] entry, by entry template and result (hit, coalesced, miss)."),
     );
     recorder.describe_counter(
         name("pacer_credential_exchanges_total"),

@@ -11,6 +11,7 @@ use crate::admit::{Admit, Admitted};
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, Brokered};
 use crate::buffer::BufferBody;
+use crate::cache::{CachePhase, Sending, Served};
 use crate::error::{ErrorKind, ProxyError};
 use crate::feedback::Learn;
 use crate::forward::Forward;
@@ -33,6 +34,7 @@ pub struct Pipeline {
     pub(crate) buffer: BufferBody,
     pub(crate) identify: Identify,
     pub(crate) broker: Broker,
+    pub(crate) cache: CachePhase,
     pub(crate) admit: Admit,
     pub(crate) forward: Forward,
     pub(crate) learn: Learn,
@@ -174,12 +176,22 @@ impl Pipeline {
             Brokered::Answered(resp) => return Ok((resp, Outcome::Cached)),
             Brokered::Pass(req, flight) => (req, flight),
         };
+        // Response cache: a fresh kept answer, or that of an identical request already
+        // admitted and upstream; either takes no quota.
+        let (req, pending) = match self.cache.serve(req, labels).await {
+            Served::Answered(resp) => return Ok((resp, Outcome::Cached)),
+            Served::Pass(req, pending) => (req, pending),
+        };
         // Classify the endpoint, then reserve room in every matching limit: now, after a
         // wait in the queue, or shed with Retry-After.
         let req: Admitted = self.admit.admit(req, labels).await?;
-        // Send upstream; the answer streams back.
+        // Send upstream (a cacheable request as the leader of its flight); the answer
+        // streams back.
         let sending = Instant::now();
-        let (answer, mut sent) = self.forward.send(req).await;
+        let (answer, mut sent) = match self.cache.send(&self.forward, req, pending).await? {
+            Sending::Upstream(answer, sent) => (answer, sent),
+            Sending::Answered(resp) => return Ok((resp, Outcome::Cached)),
+        };
         labels.upstream_time = Some(sending.elapsed());
         // Learn from the answer: counts, upstream pauses (429 + Retry-After), issued tokens.
         let answer = self

@@ -9,6 +9,7 @@ use crate::admit::Admit;
 use crate::answer::ProxyBody;
 use crate::broker::{Broker, TokenBroker};
 use crate::buffer::BufferBody;
+use crate::cache::{CachePhase, ResponseCache};
 use crate::config::{Cidr, Config, StateBackend};
 use crate::credential::{CredentialForward, Credentials};
 use crate::discover::Discovery;
@@ -56,6 +57,8 @@ pub struct Proxy {
     pub adaptive: Arc<Adaptive>,
     /// Issued client-credentials tokens handed out again (`[identity] token_cache`).
     pub broker: Option<Arc<TokenBroker>>,
+    /// Kept read-only answers and flights in the air (`[[cache]]`); none without entries.
+    pub cache: Option<Arc<ResponseCache>>,
     /// Tokens pacer fetches itself (`[[credential]]`), for credential routes and pacer's
     /// own API calls.
     pub credentials: Arc<Credentials>,
@@ -269,6 +272,8 @@ impl Proxy {
             Some((i, p.upstreams.get(i)?.name.clone()))
         };
         let configured: Arc<[Option<u64>]> = config.limits.iter().map(|l| l.requests).collect();
+        // Kept answers start afresh with each configuration.
+        let cache = ResponseCache::from_config(config, p.metrics.clone());
         let pipeline = Pipeline {
             guard: Guard::new(Arc::new(server.clone()), draining.clone()),
             routes: RouteTable::new(&config.routes, names, &config.credentials)?,
@@ -276,6 +281,7 @@ impl Proxy {
             buffer: BufferBody::new(server.buffer_body_bytes),
             identify: Identify::new(p.identity.clone(), trusted.clone(), p.apps.clone()),
             broker: Broker::new(p.broker.clone()),
+            cache: CachePhase::new(cache.clone(), config.queue.max_wait.0),
             admit: Admit::new(
                 p.admission.clone(),
                 p.adaptive.clone(),
@@ -314,6 +320,7 @@ impl Proxy {
             metrics: p.metrics,
             adaptive: p.adaptive,
             broker: p.broker,
+            cache,
             credentials: p.credentials,
             usage: p.usage,
             discovery: p.discovery,

@@ -14,8 +14,8 @@
 //! pauses, when to try again) and `reservation` (what an admitted request holds, its
 //! commit, refund and release).
 
-pub mod jobs;
 mod fair;
+pub mod jobs;
 mod reservation;
 mod schedule;
 

@@ -1,6 +1,7 @@
 //! What `/status` and `/metrics` show: the instance's recorded metrics and its limiter
 //! state read now, with every label bounded.
 
+use crate::cache::ResponseCache;
 use crate::config::Priority;
 use crate::limit::KeyPart;
 use crate::metrics::Gauge;
@@ -119,6 +120,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
         "usage": proxy.usage.status(|id| client_label(proxy, id)),
+        "cache": proxy.cache.as_ref().map(|c| c.status()),
         "recent": {
             "minutes": crate::recent::MINUTES,
             "clients": proxy.metrics.recent().snapshot(),
@@ -255,7 +257,10 @@ pub fn render_metrics(proxy: &Proxy) -> String {
         *e = e.max(left.as_secs_f64());
     }
     let depth = proxy.admission.depth_by_upstream();
+    let [cache_entries, cache_bytes] = ResponseCache::gauges(proxy.cache.as_deref());
     let gauges = [
+        cache_entries,
+        cache_bytes,
         Gauge {
             name: "pacer_limit_utilization_ratio",
             help: "Share of a limit's quota (or concurrency, or job slots) in use now, per key.",

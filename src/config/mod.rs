@@ -5,6 +5,7 @@
 
 mod apps;
 mod discover;
+mod cache;
 mod egress;
 mod env;
 mod load;
@@ -15,6 +16,7 @@ mod validate;
 
 pub use apps::{app_name_ok, AppConfig, MAX_APP_NAME};
 pub use discover::{DiscoverConfig, DiscoverKey, MIN_DISCOVER_INTERVAL};
+pub use cache::{CacheConfig, CacheSettings, CacheShare};
 pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
@@ -88,6 +90,10 @@ pub struct Config {
     pub state: StateConfig,
     pub adaptive: AdaptiveConfig,
     pub log: LogConfig,
+    /// `[[cache]]`: read-only answers kept and handed out again.
+    pub caches: Vec<CacheConfig>,
+    /// `[cache_settings]`: the response cache's memory.
+    pub cache_settings: CacheSettings,
     /// OAuth clients whose tokens pacer fetches itself (`[[credential]]`).
     pub credentials: Vec<CredentialConfig>,
     /// The organization's API use per OAuth client, polled (`[usage]`).

@@ -371,6 +371,7 @@ impl Config {
         if self.identity.max_keys == 0 {
             err("identity.max_keys".into(), "must be at least 1".into());
         }
+        super::cache::validate(&self.caches, &self.cache_settings, &names, errors);
     }
 }
 

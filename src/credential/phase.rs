@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use std::sync::Arc;
 
 /// What a credential route's requests are sent with.
+#[derive(Clone)]
 pub struct CredentialForward {
     credentials: Arc<Credentials>,
     /// `[server] buffer_body_bytes`: bodies up to this were read whole and can be replayed.

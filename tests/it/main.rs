@@ -9,6 +9,7 @@ mod support;
 mod access_log;
 mod apps;
 mod broker;
+mod cache;
 mod cli;
 mod config_watch;
 mod credential;
