@@ -4,8 +4,8 @@
 //! of them at once, so one `pacer check-config` run shows everything to fix.
 
 mod apps;
-mod discover;
 mod cache;
+mod discover;
 mod egress;
 mod env;
 mod load;
@@ -15,8 +15,8 @@ mod usage;
 mod validate;
 
 pub use apps::{app_name_ok, AppConfig, MAX_APP_NAME};
-pub use discover::{DiscoverConfig, DiscoverKey, MIN_DISCOVER_INTERVAL};
 pub use cache::{CacheConfig, CacheSettings, CacheShare};
+pub use discover::{DiscoverConfig, DiscoverKey, MIN_DISCOVER_INTERVAL};
 pub use egress::{parse_proxy, EgressProxy, NO_PROXY_KEYWORD};
 pub use load::LOG_FORMAT_ENV;
 pub use presets::Preset;
