@@ -73,6 +73,13 @@ impl Admitted {
         &self.answering.route
     }
 
+    /// It was answered without going upstream (an identical request admitted just before
+    /// answered for it): what it holds is given back, its sends uncounted.
+    pub(crate) fn unsent(self) {
+        let mut answering = self.answering;
+        answering.held.permit.unsent();
+    }
+
     /// The parts the forwarding phase sends, and what stays for the answer.
     pub(crate) fn into_parts(self) -> (Request<ProxyBody>, Option<String>, ConnInfo, Answering) {
         (self.req, self.query, self.conn, self.answering)

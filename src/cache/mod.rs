@@ -115,9 +115,10 @@ impl CachePhase {
     }
 
     /// Sends an admitted request upstream: as the leader of its flight when it may be
-    /// cached and none is in the air. When one is (an identical request was admitted
-    /// meanwhile), it waits for that one's answer instead, and goes upstream itself only if
-    /// there is none to share.
+    /// cached, no copy was kept while it waited for admission, and no flight is in the air.
+    /// When one is (an identical request was admitted meanwhile), it waits for that one's
+    /// answer instead, and goes upstream itself only if there is none to share. A request
+    /// answered either way gives its admission back ([`Admitted::unsent`]).
     pub async fn send(
         &self,
         forward: &Forward,
@@ -128,6 +129,14 @@ impl CachePhase {
             let (answer, sent) = forward.send(req).await;
             return Ok(Sending::Upstream(answer, sent));
         };
+        // A copy kept while it waited for admission answers it: it is not sent at all.
+        if let Some(entry) = cache.store.get(&pending.key, Instant::now()) {
+            if vary_matches(&entry, &pending.headers) {
+                cache.count(pending.rule, Lookup::Hit);
+                req.unsent();
+                return Ok(Sending::Answered(answer(&entry, Lookup::Hit)));
+            }
+        }
         let mut pending = match cache.flights.lead(pending.key) {
             Some(lead) => {
                 cache.count(pending.rule, Lookup::Miss);
@@ -147,8 +156,8 @@ impl CachePhase {
         let max_wait = pending.max_wait;
         if let Some((resp, how)) = cache.follow(&mut pending, max_wait).await {
             cache.count(pending.rule, how);
-            // The admitted request's concurrency is given back here; its place in the
-            // rate window stays taken (pacer errs on the side of counting too much).
+            // It never went upstream: its place in every window is given back.
+            req.unsent();
             return Ok(Sending::Answered(resp));
         }
         cache.count(pending.rule, Lookup::Miss);

@@ -103,6 +103,15 @@ pub struct Permit {
 }
 
 impl Permit {
+    /// The request was answered without being sent (an identical request's answer, see
+    /// [`crate::cache`]): its place in every window is given back, as if never admitted.
+    pub fn unsent(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            self.shared.backend.refund(&taken);
+            self.shared.wake.notify_one();
+        }
+    }
+
     /// The upstream has begun to answer: count the send from now (see `Ledger::resend`).
     pub fn answered(&self) {
         if let Some(taken) = &self.taken {

@@ -421,3 +421,64 @@ async fn a_follower_waits_for_a_flight_no_longer_than_its_own_max_wait() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn requests_answered_by_an_identical_flight_give_their_quota_back() {
+    let _slot = slot(Load::Timed).await;
+    let up = TestUpstream::start().await;
+    // One request at a time, three a minute: two identical reads queue behind another
+    // request, so they are admitted one after the other.
+    let toml = format!(
+        "{}
+{}
+[queue]
+max_wait = \"3s\"\n\n\
+         [[limit]]\nname = \"one-at-a-time\"\nconcurrency = 1\n\n\
+         [[limit]]\nname = \"three-a-minute\"\nrequests = 3\nper = \"60s\"\n",
+        one_route_config("", &up.url(), ""),
+        ewt_entry("10s", "")
+    );
+    let pacer = start_pacer(&toml).await;
+    let client = TestClient::http1(pacer.proxy_addr);
+    within("queued identical reads", async {
+        let other = get(
+            &client,
+            "/api/v2/users/me",
+            "tok-a",
+            &[("x-reply-delay-ms", "400")],
+        );
+        let identical = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let reads = (0..2).map(|_| {
+                let client = &client;
+                async move { get(client, EWT, "tok-a", &[("x-reply-delay-ms", "300")]).await }
+            });
+            futures_util::future::join_all(reads).await
+        };
+        let (other, reads) = tokio::join!(other, identical);
+        assert_eq!(other.status, StatusCode::OK);
+        // The second read is admitted once the first (the leader) has ended: it is answered
+        // with the first one's answer, and gives its place in the window back.
+        for r in &reads {
+            assert_eq!(r.status, StatusCode::OK, "{:?}", cache_header(r));
+        }
+        assert_eq!(up.count(), 2, "the other request and one identical read");
+        // Two sends counted (without the refund, three: the next read would be shed): one
+        // more distinct read fits, the next does not.
+        let r = get(&client, &format!("{EWT}?q=1"), "tok-a", &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "the third send of the minute");
+        let r = get(
+            &client,
+            &format!("{EWT}?q=2"),
+            "tok-a",
+            &[("x-pacer-max-wait", "0")],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "the window is full"
+        );
+    })
+    .await;
+}
