@@ -235,15 +235,21 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             .or_insert(0.0);
         *e = e.max(ratio);
     }
-    // Job limits: running jobs over `jobs` (a job limit counts nothing else).
+    // Job limits: running jobs over `jobs` (a job limit counts nothing else). Full job
+    // slots are an exporter working as it should, so they are also a gauge of their own
+    // that the utilization alert leaves out.
+    let mut jobs_running: BTreeMap<(String, String), f64> = Default::default();
     for (layer, running) in proxy.admission.jobs_usage() {
         let spec = &set.specs[layer.limit];
         let Some(n) = spec.jobs else { continue };
         let key = key_label(proxy, &layer.part);
         let e = utilization
-            .entry((spec.name.to_string(), key))
+            .entry((spec.name.to_string(), key.clone()))
             .or_insert(0.0);
         *e = e.max(running as f64 / n.max(1) as f64);
+        *jobs_running
+            .entry((spec.name.to_string(), key))
+            .or_insert(0.0) += running as f64;
     }
     // Pauses of callers that share a label are one sample (the longest).
     let mut paused: BTreeMap<(String, String), f64> = Default::default();
@@ -265,6 +271,14 @@ pub fn render_metrics(proxy: &Proxy) -> String {
             name: "pacer_limit_utilization_ratio",
             help: "Share of a limit's quota (or concurrency, or job slots) in use now, per key.",
             samples: utilization
+                .into_iter()
+                .map(|((limit, key), v)| (vec![("limit", limit), ("key", key)], v))
+                .collect(),
+        },
+        Gauge {
+            name: "pacer_jobs_running",
+            help: "Async jobs holding a slot of a jobs limit now, per key.",
+            samples: jobs_running
                 .into_iter()
                 .map(|((limit, key), v)| (vec![("limit", limit), ("key", key)], v))
                 .collect(),

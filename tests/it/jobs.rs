@@ -117,6 +117,20 @@ async fn exporters_keep_two_job_slots_busy_without_an_upstream_429() {
             .unwrap_or_else(|| panic!("no job limit in /status: {s}"));
         assert_eq!(entry["jobs"], 2, "{entry}");
         assert!(entry["jobs_running"].as_u64().unwrap() >= 1, "{entry}");
+        let admin = TestClient::http1(pacer.admin_addr.expect("admin listener"));
+        let samples = prom_samples(&admin.get("/metrics", &[]).await.text());
+        let gauge = |name: &str| {
+            samples
+                .iter()
+                .filter(|s| s.name == name && s.label("limit") == Some("jobs"))
+                .map(|s| s.value)
+                .sum::<f64>()
+        };
+        assert!(gauge("pacer_jobs_running") >= 1.0, "pacer_jobs_running");
+        assert!(
+            gauge("pacer_limit_utilization_ratio") >= 0.5,
+            "pacer_limit_utilization_ratio"
+        );
         let mut done = 0;
         while let Some(w) = workers.join_next().await {
             done += w.expect("worker");
