@@ -13,7 +13,7 @@
 use crate::support::*;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use pacer::app::Running;
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeMap;
@@ -103,34 +103,6 @@ fn retry_after(reply: &Reply) -> u64 {
         .expect("Retry-After in whole seconds")
 }
 
-/// What one caller saw.
-#[derive(Debug, Default, Clone, Copy)]
-struct Tally {
-    sent: u64,
-    ok: u64,
-    /// pacer's own 429s (with `x-pacer-reason`).
-    shed: u64,
-    /// 429s without `x-pacer-reason`: the upstream's, passed on.
-    upstream_429: u64,
-    other: u64,
-    transport_errors: u64,
-}
-
-impl Tally {
-    fn add(&mut self, o: &Tally) {
-        self.sent += o.sent;
-        self.ok += o.ok;
-        self.shed += o.shed;
-        self.upstream_429 += o.upstream_429;
-        self.other += o.other;
-        self.transport_errors += o.transport_errors;
-    }
-
-    fn answers(&self) -> u64 {
-        self.ok + self.shed + self.upstream_429 + self.other
-    }
-}
-
 /// One request of a greedy caller of the users API: sent and counted, then a back-off of
 /// the shed answer's `Retry-After`, at most 100 ms. The `send_counted` answer, for callers
 /// that look at it.
@@ -145,60 +117,6 @@ async fn greedy_step(
         tokio::time::sleep(Duration::from_secs(*ra).min(Duration::from_millis(100))).await;
     }
     shed
-}
-
-/// Sends one request, reads the whole answer and counts it. Returns the shed answer's
-/// `Retry-After` (or `Some(0)` for an upstream 429) so the caller can back off.
-async fn send_counted(
-    client: &TestClient,
-    req: http::Request<TestBody>,
-    t: &mut Tally,
-) -> Option<(u64, Option<String>)> {
-    t.sent += 1;
-    let resp = match client.send_streaming_result(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("transport error: {e:?}");
-            t.transport_errors += 1;
-            return None;
-        }
-    };
-    let (parts, body) = resp.into_parts();
-    if let Err(e) = body.collect().await {
-        eprintln!("body error: {e:?}");
-        t.transport_errors += 1;
-        return None;
-    }
-    match parts.status {
-        s if s.is_success() => {
-            t.ok += 1;
-            None
-        }
-        StatusCode::TOO_MANY_REQUESTS => {
-            let reason = parts
-                .headers
-                .get("x-pacer-reason")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let ra = parts
-                .headers
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if reason.is_some() {
-                t.shed += 1;
-            } else {
-                t.upstream_429 += 1;
-            }
-            Some((ra, reason))
-        }
-        s => {
-            eprintln!("unexpected status {s}");
-            t.other += 1;
-            None
-        }
-    }
 }
 
 /// Nearest-rank percentile of unsorted samples.

@@ -15,6 +15,7 @@ mod prom;
 mod raw;
 mod raw_upstream;
 pub mod redis;
+mod tally;
 mod tls;
 mod upstream;
 
@@ -27,6 +28,7 @@ pub use process::*;
 pub use prom::*;
 pub use raw::*;
 pub use raw_upstream::*;
+pub use tally::*;
 pub use tls::*;
 pub use upstream::*;
 
