@@ -155,6 +155,7 @@ impl Record {
             route: self.labels.route(),
             upstream: self.labels.upstream(),
             client: self.labels.client(),
+            app: self.labels.app(),
             priority: self.labels.priority.map(|p| p.as_str()),
             status: self.status,
             outcome: self.outcome.as_str(),
@@ -194,6 +195,7 @@ impl Record {
         field("route", l.route);
         field("upstream", l.upstream);
         field("client", l.client);
+        field("app", l.app);
         field("priority", l.priority.unwrap_or("-"));
         field("status", &l.status.to_string());
         field("outcome", l.outcome);
@@ -240,6 +242,8 @@ struct Line<'a> {
     route: &'a str,
     upstream: &'a str,
     client: &'a str,
+    /// The application behind the client (see [`crate::identity::app`]).
+    app: &'a str,
     priority: Option<&'static str>,
     status: u16,
     outcome: &'static str,
@@ -400,6 +404,7 @@ mod tests {
         assert_eq!(v["endpoint"], "GET /api/v2/users/{userId}");
         assert_eq!(v["route"], "none");
         assert_eq!(v["client"], "unknown");
+        assert_eq!(v["app"], "unknown");
         assert_eq!(v["bytes_in"], 7);
         assert_eq!(v["bytes_out"], 42);
         assert_eq!(v["queue_wait_ms"], serde_json::Value::Null);

@@ -95,6 +95,7 @@ async fn json_lines_for_every_kind_of_answer_on_stdout() {
             &format!("/api/v2/users/{USER_ID}"),
             "req-forwarded",
             &[
+                ("x-pacer-app", "billing-sync"),
                 ("x-reply-header", "inin-correlation-id: upstream-corr-1"),
                 // Only pacer's own answers give a reason.
                 ("x-reply-header", "x-pacer-reason: spoofed"),
@@ -164,6 +165,7 @@ async fn json_lines_for_every_kind_of_answer_on_stdout() {
         assert_eq!(l["route"], "/api/", "{l}");
         assert_eq!(l["upstream"], "api", "{l}");
         assert_eq!(l["client"], "unknown", "{l}");
+        assert_eq!(l["app"], "billing-sync", "{l}");
         assert_eq!(l["priority"], "normal", "{l}");
         assert_eq!(l["status"], 200, "{l}");
         assert_eq!(l["outcome"], "forwarded", "{l}");
