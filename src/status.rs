@@ -120,6 +120,7 @@ pub fn status(proxy: &Proxy) -> serde_json::Value {
         "state": proxy.admission.backend_status(),
         "remembered_tokens": proxy.identity.remembered_tokens(),
         "usage": proxy.usage.status(|id| client_label(proxy, id)),
+        "credentials": proxy.credentials.status(),
         "cache": proxy.cache.as_ref().map(|c| c.status()),
         "recent": {
             "minutes": crate::recent::MINUTES,

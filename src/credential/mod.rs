@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Largest token answer read.
 const MAX_TOKEN_ANSWER: usize = 64 * 1024;
@@ -207,6 +208,23 @@ impl Credentials {
     /// The configured credential names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
+    }
+
+    /// `/status` → `credentials`: per credential (by name) its OAuth client id, login
+    /// upstream and token state (see `Slot::report`); never a token or a secret.
+    pub fn status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        let rows = names.into_iter().map(|name| {
+            let e = &self.entries[name];
+            let mut row = e.slot.report(now);
+            row["name"] = name.as_str().into();
+            row["client_id"] = e.config.client_id.as_str().into();
+            row["upstream"] = e.config.upstream.as_str().into();
+            row
+        });
+        serde_json::Value::Array(rows.collect())
     }
 
     /// The OAuth client id of credential `name`: the caller identity of its requests.

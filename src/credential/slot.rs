@@ -129,6 +129,27 @@ impl Slot {
         }
     }
 
+    /// What `/status` shows of the slot at `now`: the token's state, seconds until it is
+    /// fetched again and until it expires, and the last exchange's failure while it is
+    /// held. Never the token itself.
+    pub(super) fn report(&self, now: Instant) -> serde_json::Value {
+        let state = self.state();
+        let left = |at: Instant| at.saturating_duration_since(now).as_secs();
+        let (token, refresh_in, expires_in) = match &state.token {
+            Some(c) if now < c.expires => {
+                ("valid", Some(left(c.refresh_at)), Some(left(c.expires)))
+            }
+            Some(_) => ("expired", None, None),
+            None => ("none", None, None),
+        };
+        serde_json::json!({
+            "token": token,
+            "refresh_in_seconds": refresh_in,
+            "expires_in_seconds": expires_in,
+            "last_error": state.failed.as_ref().map(|(_, e)| e.to_string()),
+        })
+    }
+
     /// Drops the cached token if it is still `token` (the one an upstream refused), so the
     /// next caller fetches a new one; true when it did. Callers that got the same 401
     /// concurrently cause one refresh between them, and a token is dropped at most once

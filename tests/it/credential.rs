@@ -136,6 +136,14 @@ async fn fifty_first_callers_cost_one_token_exchange_and_never_send_their_own_to
             metric_sum(&metrics, "pacer_credential_exchanges_total", &want)
         };
         assert_eq!((exchanges("ok"), exchanges("error")), (1.0, 0.0));
+        // /status says which credentials there are and that the token is in force.
+        let status = admin.get("/status", &[]).await.json();
+        let cred = &status["credentials"][0];
+        assert_eq!(cred["name"], "ivr", "{status}");
+        assert_eq!(cred["client_id"], "ivr-client", "{status}");
+        assert_eq!(cred["token"], "valid", "{status}");
+        assert!(cred["expires_in_seconds"].as_u64().unwrap() > 0, "{status}");
+        assert_eq!(cred["last_error"], serde_json::Value::Null, "{status}");
         sim.shutdown().await;
     })
     .await;
