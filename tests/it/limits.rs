@@ -531,11 +531,12 @@ async fn with_no_critical_source_normal_traffic_uses_the_whole_quota() {
             eprintln!("no critical source: {id} utilization {u:.3}");
             total += u / ids.len() as f64;
             // Without the fix a reserve nobody could use cost every client 20% (0.80); a
-            // loaded machine costs a few % of a 10 s run.
-            assert!(u >= 0.9, "{id}: utilization {u:.3}");
+            // loaded machine costs a few % of a 10 s run (0.919 seen with a load of 9 on
+            // 2 cores), so the bars sit halfway between.
+            assert!(u >= 0.87, "{id}: utilization {u:.3}");
         }
         eprintln!("no critical source: mean utilization {total:.3}");
-        assert!(total >= 0.92, "mean utilization {total:.3}");
+        assert!(total >= 0.89, "mean utilization {total:.3}");
         assert_eq!(stats.total.too_many, 0, "upstream 429s: {stats:?}");
         assert_eq!(st["critical_reserve"]["learned_count"], 0, "{st}");
     })
