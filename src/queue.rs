@@ -588,6 +588,28 @@ fn shed_headers(set: &LimitSet, b: &Blocked) -> Option<(String, String)> {
     Some((policy, format!("\"{}\";r=0;t={reset}", spec.name)))
 }
 
+/// An admission over `limits` (`[queue]` and `[[limit]]`s added to a minimal config), for
+/// unit tests of the queue and of what builds on it.
+#[cfg(test)]
+pub(crate) fn test_admission(limits: &str) -> Admission {
+    let (c, set) = crate::limit::test_limits(limits);
+    Admission::new(set, c.queue.clone(), c.identity.max_keys)
+}
+
+/// Ten a second per client, no critical reserve, for unit tests.
+#[cfg(test)]
+pub(crate) const TEN_PER_SECOND: &str = r#"
+[queue]
+critical_reserve = 0.0
+bulk_share = 1.0
+[[limit]]
+name = "client"
+scope = "client"
+requests = 10
+per = "1s"
+guard = "0ms"
+"#;
+
 #[cfg(test)]
 mod tests;
 

@@ -7,7 +7,7 @@ use super::*;
 use crate::config::Priority;
 use crate::error::ShedReason;
 use crate::limit::Demand;
-use crate::queue::{Admission, Refusal, Reservation};
+use crate::queue::{test_admission as admission, Admission, Refusal, Reservation, TEN_PER_SECOND};
 use crate::shadow::{verdict, ShadowReason, Verdict};
 use http::{HeaderValue, Method};
 use std::sync::Arc;
@@ -97,11 +97,6 @@ fn take_removes_the_header_and_refuses_bad_or_repeated_values() {
 /// A route's `max_wait` in these tests.
 const ROUTE: Duration = Duration::from_secs(5);
 
-fn admission(limits: &str) -> Admission {
-    let (c, set) = crate::limit::test_limits(limits);
-    Admission::new(set, c.queue.clone(), c.identity.max_keys)
-}
-
 fn demand(a: &Admission, p: Priority) -> Demand {
     a.demand(0, &Arc::from("c"), &Method::GET, "/x", p)
 }
@@ -119,19 +114,6 @@ async fn admit(
 ) -> Result<Reservation, Refusal> {
     a.admit(demand(a, p), None, bound(ROUTE, caller)).await
 }
-
-/// Ten a second per client, no reserve.
-const TEN_PER_SECOND: &str = r#"
-[queue]
-critical_reserve = 0.0
-bulk_share = 1.0
-[[limit]]
-name = "client"
-scope = "client"
-requests = 10
-per = "1s"
-guard = "0ms"
-"#;
 
 /// One request at a time per client.
 const ONE_AT_A_TIME: &str = r#"

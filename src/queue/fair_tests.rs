@@ -5,10 +5,7 @@ use crate::identity::App;
 use http::Method;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-fn admission(limits: &str) -> Admission {
-    let (c, set) = crate::limit::test_limits(limits);
-    Admission::new(set, c.queue.clone(), c.identity.max_keys)
-}
+use super::test_admission as admission;
 
 const TEN_PER_SECOND: &str = r#"
 [queue]

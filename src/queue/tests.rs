@@ -2,22 +2,7 @@ use super::*;
 use crate::limit::Taken;
 use http::Method;
 
-fn admission(limits: &str) -> Admission {
-    let (c, set) = crate::limit::test_limits(limits);
-    Admission::new(set, c.queue.clone(), c.identity.max_keys)
-}
-
-const TEN_PER_SECOND: &str = r#"
-[queue]
-critical_reserve = 0.0
-bulk_share = 1.0
-[[limit]]
-name = "client"
-scope = "client"
-requests = 10
-per = "1s"
-guard = "0ms"
-"#;
+use super::test_admission as admission;
 
 fn demand(a: &Admission, caller: &str, p: Priority) -> Demand {
     a.demand(0, &Arc::from(caller), &Method::GET, "/x", p)
