@@ -6,16 +6,11 @@
 //! `queue::fair_tests`.
 
 use crate::support::*;
-use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::Empty;
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeSet;
-use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -190,29 +185,6 @@ async fn a_runaway_app_cannot_starve_modest_ones() {
         assert_eq!(shed as u64, runaway.shed, "{text}");
     })
     .await;
-}
-
-/// An upstream answering every request `200` with an empty body, keeping nothing.
-async fn start_ok_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            conns.spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, task)
 }
 
 /// The values of `label` over every sample of `name`.

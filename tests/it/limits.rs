@@ -11,19 +11,17 @@
 //! windows with little CPU and share the machine ([`Load::Timed`]).
 
 use crate::support::*;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use http::{Method, StatusCode};
-use http_body_util::Empty;
 use pacer::app::Running;
 use pacer::sim::{SimConfig, Simulator};
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -770,30 +768,6 @@ async fn disconnected_waiters_free_their_reservations() {
 
 // ---------------------------------------------------------------------------------------
 // 4. a million unknown tokens
-
-/// An upstream answering every request `200` with an empty body, keeping nothing.
-async fn start_ok_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut conns = JoinSet::new();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            conns.spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(http::Response::new(Empty::<Bytes>::new()))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, task)
-}
 
 /// One whole response at the front of `buf`: (status, length), if complete.
 fn parse_response(buf: &[u8]) -> Option<(u16, usize)> {
